@@ -1,0 +1,1 @@
+"""Ray Serve application for scBERT annotation (coming with the Serve issue)."""
