@@ -17,6 +17,7 @@ Equal to the published scBERT implementation, with two differences in how it is 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -47,54 +48,69 @@ def orthogonal_features(
     return norms[:, None] * rows
 
 
-def exp_features(x: torch.Tensor, projection: torch.Tensor, *, per_cell: bool) -> torch.Tensor:
-    """exp(w_j . x' - |x'|^2 / 2 - c), (b, h, n, d) -> (b, h, n, m); phi(x) without m^-1/2 and eps.
+def exp_features(
+    x: torch.Tensor, projection_t: torch.Tensor, *, per_row: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(w_j . x' - |x'|^2 / 2 - c) for one (cell, head): x (n, d) -> (n, m), and c.
 
-    ``per_cell``: c is the max over the cell's (h, n, m) features (keys); else over m (queries).
+    phi(x) without m^-1/2 and eps. ``projection_t`` is (d, m), already scaled by d^-1/4.
+    ``per_row``: c is each row's max (queries, (n, 1)); else the max over the block (keys, ()).
     """
-    scale = x.shape[-1] ** -0.25
-    dash = torch.matmul(x, projection.t().to(x.dtype) * scale)  # (b, h, n, m)
-    half_sq_norm = x.square().sum(dim=-1, keepdim=True) * (scale * scale / 2)  # (b, h, n, 1)
+    sq_scale = x.shape[-1] ** -0.5 / 2
+    dash = x @ projection_t  # (n, m)
+    half_sq_norm = x.square().sum(dim=-1, keepdim=True) * sq_scale  # (n, 1)
     with torch.no_grad():
-        dims = (1, 2, 3) if per_cell else (-1,)
-        stabiliser = dash.detach().amax(dim=dims, keepdim=True)
-    # in place: (b, h, n, m) is the largest tensor of the model; exp_ keeps its output for backward
-    return dash.sub_(half_sq_norm + stabiliser).exp_()
+        stabiliser = dash.detach().amax(dim=-1, keepdim=True) if per_row else dash.detach().amax()
+    # in place: (n, m) is the largest tensor of the model; exp_ keeps its output for backward
+    return dash.sub_(half_sq_norm + stabiliser).exp_(), stabiliser
 
 
 def favor_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FAVOR+ attention for q, k, v (b, h, n, d).
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    column_sums: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FAVOR+ attention for q, k, v (b, h, n, d) -> (b, h, n, d), one (cell, head) at a time.
 
-    Returns (out (b, h, n, d), exp-features of q and k (b, h, n, m), normaliser D (b, h, n)) so
-    that callers can derive attention statistics without recomputing the features.
+    An (n, m) feature map of one (cell, head) fits in the CPU's last-level cache (16,907 x 266
+    floats = 18 MB at paper size), the whole (b, h, n, m) tensor does not. The key stabiliser of
+    the published code is the max over the cell (all heads): each head is first computed with its
+    own max c_h, and its (m, d + 1) context is rescaled by exp(c_h - c) once all heads are known.
+
+    With ``column_sums`` also returns sum_i A_ij (b, h, n), in O(n m) per head:
+    A = D^-1 phi(q) phi(k)^T, so sum_i A_ij = phi(k_j) . sum_i phi(q_i) / D_i.
     """
-    ek = exp_features(k, projection, per_cell=True)
-    v1 = F.pad(v, (0, 1), value=1.0)  # (b, h, n, d + 1)
-    # phi(k)^T [v, 1] with phi(k) = ek + eps (up to m^-1/2)
-    context = ek.transpose(-1, -2) @ v1 + KERNEL_EPS * v1.sum(
-        dim=-2, keepdim=True
-    )  # (b, h, m, d + 1)
-    eq = exp_features(q, projection, per_cell=False)
-    out = eq @ context + KERNEL_EPS * context.sum(dim=-2, keepdim=True)  # (b, h, n, d + 1)
-    normaliser = out[..., -1]
-    return out[..., :-1] / normaliser.unsqueeze(-1), eq, ek, normaliser
-
-
-def attention_column_sums(
-    eq: torch.Tensor, ek: torch.Tensor, normaliser: torch.Tensor
-) -> torch.Tensor:
-    """Attention each position receives, sum_i A_ij, (b, h, n), in O(n m) per head.
-
-    A = D^-1 phi(q) phi(k)^T, so sum_i A_ij = phi(k_j) . sum_i phi(q_i) / D_i: the n x n matrix
-    is never formed.
-    """
-    inv_d = normaliser.reciprocal()  # (b, h, n)
-    weights = (eq.transpose(-1, -2) @ inv_d.unsqueeze(-1)).squeeze(-1)  # (b, h, m)
-    weights = weights + KERNEL_EPS * inv_d.sum(dim=-1, keepdim=True)
-    sums = (ek @ weights.unsqueeze(-1)).squeeze(-1)  # (b, h, n)
-    return sums + KERNEL_EPS * weights.sum(dim=-1, keepdim=True)
+    b, h, n, d = q.shape
+    projection_t = projection.t().to(q.dtype) * d**-0.25  # (d, m)
+    v1 = F.pad(v, (0, 1), value=1.0)  # (b, h, n, d + 1): the ones column yields D
+    contexts, stabilisers, key_maps = [], [], []
+    for cell, head in itertools.product(range(b), range(h)):
+        ek, stabiliser = exp_features(k[cell, head], projection_t, per_row=False)
+        contexts.append(ek.t() @ v1[cell, head])  # (m, d + 1)
+        stabilisers.append(stabiliser)
+        if column_sums:
+            key_maps.append(ek)
+    rescale = torch.stack(stabilisers).view(b, h)
+    rescale = torch.exp(rescale - rescale.amax(dim=1, keepdim=True))  # exp(c_h - c), (b, h)
+    # phi(k)^T [v, 1] with phi(k) = ek + eps (up to m^-1/2, which cancels)
+    context = torch.stack(contexts).view(b, h, -1, d + 1) * rescale[..., None, None]
+    context = context + KERNEL_EPS * v1.sum(dim=-2, keepdim=True)  # (b, h, m, d + 1)
+    context_eps = KERNEL_EPS * context.sum(dim=-2)  # (b, h, d + 1): the eps of phi(q)
+    outs, sums = [], []
+    for index, (cell, head) in enumerate(itertools.product(range(b), range(h))):
+        eq, _ = exp_features(q[cell, head], projection_t, per_row=True)
+        out = eq @ context[cell, head] + context_eps[cell, head]  # (n, d + 1)
+        outs.append(out[:, :-1] / out[:, -1:])
+        if column_sums:
+            inv_d = out[:, -1].reciprocal()  # (n,)
+            weights = eq.t() @ inv_d + KERNEL_EPS * inv_d.sum()  # (m,)
+            scaled = key_maps[index] @ weights * rescale[cell, head]
+            sums.append(scaled + KERNEL_EPS * weights.sum())  # (n,)
+    column = torch.stack(sums).view(b, h, n) if column_sums else None
+    return torch.stack(outs).view(b, h, n, d), column
 
 
 class SelfAttention(nn.Module):
@@ -124,7 +140,7 @@ class SelfAttention(nn.Module):
         """x (b, n, dim) -> (b, n, dim); with ``column_sums`` also mean_heads sum_i A_ij (b, n)."""
         qkv = self.to_qkv(x)  # (b, n, 3 * heads * dim_head)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out, eq, ek, normaliser = favor_attention(q, k, v, self.projection)
-        sums = attention_column_sums(eq, ek, normaliser).mean(dim=1) if column_sums else None
+        out, sums = favor_attention(q, k, v, self.projection, column_sums=column_sums)
+        sums = None if sums is None else sums.mean(dim=1)
         out = self.to_out(rearrange(out, "b h n d -> b n (h d)"))
         return self.dropout(out), sums
