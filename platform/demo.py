@@ -8,6 +8,7 @@ import time
 import torch
 
 from scbert import ScBert, ScBertConfig, tokenize
+from scbert.runtime import keep_freed_memory
 
 PAPER_N_GENES = 16_906  # the published gene panel
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", type=int, default=2, help="cells in the forward pass")
     parser.add_argument("--classes", type=int, default=10, help="cell types of the classifier head")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
     model = build_paper_model(n_classes=args.classes).eval()
     trainable, encoder = count_parameters(model)

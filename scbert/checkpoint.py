@@ -28,7 +28,7 @@ from scbert.model import ScBert
 
 FORMAT_VERSION = 1
 
-# (published key, our key); {name} fields match one dotted component and carry over.
+# (published key, our key); {name} fields match what _FIELDS allows and carry over.
 PUBLISHED_NAMES: list[tuple[str, str]] = [
     ("token_emb.weight", "token_emb.weight"),
     ("pos_emb.emb.weight", "gene_emb.weight"),
@@ -47,12 +47,14 @@ PUBLISHED_NAMES: list[tuple[str, str]] = [
     ("to_out.conv1.{p}", "head.per_gene.{p}"),
     ("to_out.{fc}.{p}", "head.{fc}.{p}"),
 ]
+_FIELDS = {"i": r"\d+", "p": "weight|bias", "w": "w1|w2", "fc": "fc1|fc2|fc3"}
 _QKV = re.compile(r"performer\.net\.layers\.(\d+)\.0\.fn\.to_([qkv])\.(weight|bias)$")
 
 
 def _pattern(template: str) -> re.Pattern[str]:
     escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
-    return re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^.]+)", escaped) + "$")
+    fields = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{_FIELDS[m[1]]})", escaped)
+    return re.compile(fields + "$")
 
 
 def _rename(key: str, to_ours: bool) -> str | None:
@@ -76,15 +78,19 @@ def infer_published_config(
     nb_features, dim_head = state_dict[layer.format(0) + "fast_attention.projection_matrix"].shape
     hidden = state_dict["performer.net.layers.0.1.fn.fn.w1.weight"].shape[0]
     kwargs: dict[str, object] = {}
+    inferred: int | None = None
     if "pos_emb.emb.weight" in state_dict:
-        n_genes = state_dict["pos_emb.emb.weight"].shape[0] - 1
+        inferred = state_dict["pos_emb.emb.weight"].shape[0] - 1
     else:
         kwargs["gene_embedding"] = "none"
     if "to_out.fc1.weight" in state_dict:
         h1, seq_len = state_dict["to_out.fc1.weight"].shape
-        n_genes = seq_len - 1
+        inferred = seq_len - 1
         kwargs["n_classes"] = state_dict["to_out.fc3.weight"].shape[0]
         kwargs["cls_hidden"] = (h1, state_dict["to_out.fc2.weight"].shape[0])
+    if inferred is not None and n_genes is not None and n_genes != inferred:
+        raise ValueError(f"n_genes={n_genes} given, but the state dict has {inferred} genes")
+    n_genes = inferred if inferred is not None else n_genes
     if n_genes is None:
         raise ValueError(
             "the state dict does not say n_genes (no gene2vec, no classifier): pass it"
@@ -139,7 +145,7 @@ def to_published_state_dict(model: ScBert) -> dict[str, torch.Tensor]:
             raise ValueError(f"no published name for {key}")
         published[name] = value.reshape(1, 1, 1, -1) if name == "to_out.conv1.weight" else value
     if model.config.gene_embedding == "none":
-        published.pop("pos_emb.emb.weight")
+        published.pop("pos_emb.emb.weight", None)
     return {k: v.detach().clone() for k, v in published.items()}
 
 
@@ -195,10 +201,13 @@ def save_pretrained(
         raise ValueError("panel has duplicated gene symbols")
     if config.n_classes is not None and (labels is None or len(labels) != config.n_classes):
         raise ValueError(f"a fine-tuned model needs {config.n_classes} labels, got {labels!r}")
+    if config.n_classes is None and labels is not None:
+        raise ValueError("labels given for a pretraining model (config.n_classes is None)")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp gives 0700; follow the umask instead
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
         (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -218,6 +227,12 @@ def save_pretrained(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> ModelBundle:
@@ -242,5 +257,15 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     model.load_state_dict(state, strict=True)
     panel = (directory / "panel.txt").read_text().splitlines()
     labels_path = directory / "labels.json"
-    labels = json.loads(labels_path.read_text()) if labels_path.is_file() else None
+    labels: list[str] | None = None
+    if config.n_classes is not None:
+        if not labels_path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: fine-tuned ({config.n_classes} classes) but no labels.json"
+            )
+        labels = json.loads(labels_path.read_text())
+        if not isinstance(labels, list) or len(labels) != config.n_classes:
+            raise ValueError(
+                f"{labels_path}: expected a list of {config.n_classes} class names, got {labels!r}"
+            )
     return ModelBundle(model=model, panel=panel, labels=labels)

@@ -49,8 +49,8 @@ class GeneEmbedding(nn.Module):
             self.register_buffer("weight", table.clone())
         elif self.kind == "learned":
             self.learned = nn.Embedding(rows, config.dim)
-        else:
-            self.register_buffer("weight", torch.zeros(rows, config.dim))
+        else:  # nothing to save: the zeros are rebuilt from the config
+            self.register_buffer("weight", torch.zeros(rows, config.dim), persistent=False)
 
     def forward(self) -> torch.Tensor:
         """The table, (n_genes + 1, dim); broadcast over cells by the caller."""

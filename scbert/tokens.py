@@ -52,7 +52,8 @@ def bin_values(values: Any, n_bins: int) -> np.ndarray | torch.Tensor:
         _check_values(dense)
         return dense.clamp(max=n_bins).to(torch.int64)  # truncation toward zero, as .long()
     if hasattr(values, "tocoo"):  # scipy.sparse, duck-typed so that scbert needs no scipy
-        coo = values.tocoo()
+        coo = values.tocoo(copy=True)
+        coo.sum_duplicates()  # repeated coordinates add up, as in scipy's toarray()
         _check_values(coo.data)
         out = np.zeros(coo.shape, dtype=np.int64)
         out[coo.row, coo.col] = np.minimum(coo.data, n_bins).astype(np.int64)

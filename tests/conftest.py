@@ -1,0 +1,86 @@
+"""Shared helpers: tiny configs, random tokens, and the published fixtures' location."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from scbert import ScBert, ScBertConfig, load_published
+from scbert.checkpoint import to_published_state_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the repo: checkpoints and outputs written by the published scBERT code
+PUBLISHED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "original_scbert"
+
+TINY: dict[str, Any] = {
+    "n_genes": 24,
+    "n_bins": 5,
+    "dim": 16,
+    "depth": 1,
+    "heads": 2,
+    "dim_head": 8,
+    "nb_features": 16,
+    "cls_hidden": (16, 8),
+}
+
+
+def tiny_config(**overrides: Any) -> ScBertConfig:
+    """A config small enough for a CPU unit test (paper sizes: see ScBertConfig's defaults)."""
+    return ScBertConfig(**{**TINY, **overrides})
+
+
+def build_model(config: ScBertConfig, *, seed: int = 0) -> ScBert:
+    """ScBert with seeded random weights (and a seeded random gene2vec when the kind needs it)."""
+    generator = torch.Generator().manual_seed(seed)
+    gene2vec = None
+    if config.gene_embedding == "gene2vec":
+        gene2vec = torch.randn(config.n_genes, config.dim, generator=generator)
+    torch.manual_seed(seed)
+    return ScBert(config=config, gene2vec=gene2vec)
+
+
+def random_tokens(
+    n_cells: int, n_genes: int, n_bins: int, *, seed: int = 0, density: float = 0.4
+) -> torch.Tensor:
+    """Model input (n_cells, n_genes + 1): ~density of genes expressed (tokens 1..n_bins, some 0),
+    the appended position 0."""
+    generator = torch.Generator().manual_seed(seed)
+    expressed = torch.rand(n_cells, n_genes, generator=generator) < density
+    values = torch.randint(0, n_bins + 1, (n_cells, n_genes), generator=generator) * expressed
+    return torch.cat([values, torch.zeros(n_cells, 1, dtype=torch.int64)], dim=1)
+
+
+@pytest.fixture
+def make_model() -> Callable[..., ScBert]:
+    """Factory: ``make_model(seed=0, **config_overrides)`` -> tiny ScBert in eval mode."""
+
+    def make(*, seed: int = 0, **overrides: Any) -> ScBert:
+        return build_model(tiny_config(**overrides), seed=seed).eval()
+
+    return make
+
+
+@pytest.fixture
+def published_dir() -> Path:
+    """The published-code fixtures; the test is skipped when ../shared is not checked out."""
+    if not (PUBLISHED_FIXTURES / "expected.pt").is_file():
+        pytest.skip(f"published scBERT fixtures not found at {PUBLISHED_FIXTURES}")
+    return PUBLISHED_FIXTURES
+
+
+def sharpen(model: ScBert, *, scale: float = 2.0) -> ScBert:
+    """The same model with its query and key weights scaled up, in eval mode.
+
+    Default-initialised tiny models attend almost uniformly, and their cells' key stabilisers
+    hardly differ, so tests of attention statistics and of batch invariance would have no teeth.
+    Goes through the published layout, whose names are fixed.
+    """
+    state = to_published_state_dict(model)
+    for key in state:
+        if key.endswith(("to_q.weight", "to_k.weight")):
+            state[key] = state[key] * scale
+    return load_published(state).eval()
