@@ -12,10 +12,7 @@ and its Conv2d(1, 1, (1, dim)) weight is our per_gene Linear weight reshaped.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 
 import torch
 
+from scbert.atomic import atomic_directory
 from scbert.config import ScBertConfig
 from scbert.model import ScBert
 
@@ -204,10 +202,7 @@ def save_pretrained(
     if config.n_classes is None and labels is not None:
         raise ValueError("labels given for a pretraining model (config.n_classes is None)")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp gives 0700; follow the umask instead
+    with atomic_directory(directory) as staging:
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
         (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -215,24 +210,7 @@ def save_pretrained(
         (staging / "panel.txt").write_text("".join(f"{gene}\n" for gene in panel))
         if labels is not None:
             (staging / "labels.json").write_text(json.dumps(list(labels), indent=2) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> ModelBundle:

@@ -140,7 +140,8 @@ class CellTypeHead(nn.Module):
 class ScBert(nn.Module):
     """scBERT: token (expression bin) embedding + gene embedding -> Performer -> LayerNorm -> head.
 
-    ``tokens`` are int64 (b, n_genes + 1) from ``scbert.tokens.tokenize``. With
+    ``tokens`` are integers (b, n_genes + 1) from ``scbert.tokens.tokenize`` (int64) or the data
+    loader (uint8, widened here). With
     ``config.n_classes`` set the head is the cell-type classifier, else the reconstruction head.
     """
 
@@ -162,6 +163,10 @@ class ScBert(nn.Module):
                 f"tokens must be (n_cells, {self.config.seq_len}) = (n_cells, n_genes + 1), "
                 f"got {tuple(tokens.shape)}"
             )
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        if tokens.dtype not in (torch.int32, torch.int64):
+            tokens = tokens.long()  # compact uint8 tokens from the loader, widened on the device
         return self.emb_dropout(self.token_emb(tokens) + self.gene_emb())  # (b, n_genes + 1, dim)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,8 @@ def _check_values(values: np.ndarray | torch.Tensor) -> None:
         )
 
 
-def bin_values(values: Any, n_bins: int) -> np.ndarray | torch.Tensor:
-    """Bin log2(1 + x) values to tokens 0..n_bins (same shape; int64).
+def bin_values(values: Any, n_bins: int, *, dtype: Any = None) -> np.ndarray | torch.Tensor:
+    """Bin log2(1 + x) values to tokens 0..n_bins (same shape; int64, or ``dtype`` for numpy).
 
     Accepts a numpy array, a torch tensor (dense or sparse) or a scipy sparse matrix; sparse input
     is densified. A numpy/scipy input gives a numpy array, a torch input a tensor.
@@ -55,14 +55,14 @@ def bin_values(values: Any, n_bins: int) -> np.ndarray | torch.Tensor:
         coo = values.tocoo(copy=True)
         coo.sum_duplicates()  # repeated coordinates add up, as in scipy's toarray()
         _check_values(coo.data)
-        out = np.zeros(coo.shape, dtype=np.int64)
-        out[coo.row, coo.col] = np.minimum(coo.data, n_bins).astype(np.int64)
+        out = np.zeros(coo.shape, dtype=dtype or np.int64)
+        out[coo.row, coo.col] = np.minimum(coo.data, n_bins).astype(out.dtype)
         return out
     array = np.asarray(values)
     if not np.issubdtype(array.dtype, np.number):
         raise TypeError(f"expression values must be numeric, got dtype {array.dtype}")
     _check_values(array)
-    return np.minimum(array, n_bins).astype(np.int64)
+    return np.minimum(array, n_bins).astype(dtype or np.int64)  # truncation toward zero
 
 
 def tokenize(values: Any, n_bins: int) -> torch.Tensor:
