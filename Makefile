@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings), then the model
 demo: setup
-	$(PY) -m scbert_platform.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --gene2vec data/gene2vec/pbmc68k.txt
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -34,6 +36,7 @@ test: lint
 
 bench: setup
 	$(PY) bench/model_speed.py
+	$(PY) bench/loader_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -24,10 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
-from scbert_platform.demo import build_paper_model, random_cells
-
 from scbert import mask_tokens
 from scbert.runtime import keep_freed_memory
+from scbert_platform.demo import build_paper_model, random_cells
 
 # The published implementation on this 2-core machine, 2 threads (issue #2).
 PUBLISHED = {

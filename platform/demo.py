@@ -1,4 +1,5 @@
-"""The main job, for now: scBERT at paper size on random input (parameter count, one forward)."""
+"""The main job's model step: scBERT at paper size (parameter count, one forward pass), then the
+same architecture on real ingested cells (the pipeline's shards, e.g. ``data/cells/pbmc68k``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", type=int, default=2, help="cells in the forward pass")
     parser.add_argument("--classes", type=int, default=10, help="cell types of the classifier head")
+    parser.add_argument("--cells-dir", help="ingested shards: also run on their first cells")
+    parser.add_argument("--gene2vec", help="Gene2vec text file for the shards' panel")
     args = parser.parse_args(argv)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
@@ -60,6 +63,37 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     print(f"input tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} in {elapsed:.1f} s")
     print(f"max class probability per cell (random weights): {proba.max(dim=1).values.tolist()}")
+    if args.cells_dir:
+        run_on_shards(args.cells_dir, args.gene2vec, n_cells=args.cells)
+
+
+def run_on_shards(directory: str, gene2vec_path: str | None, *, n_cells: int) -> None:
+    """The paper's architecture over an ingested dataset's own panel, on its first real cells."""
+    from scbert import load_gene2vec_text
+    from scbert_platform.loader import ShardInfo, iter_local_batches
+
+    info = ShardInfo.read(directory)
+    gene2vec = load_gene2vec_text(gene2vec_path, info.panel) if gene2vec_path else None
+    config = ScBertConfig(
+        n_genes=info.n_genes,
+        n_classes=len(info.labels),
+        gene_embedding="gene2vec" if gene2vec is not None else "learned",
+    )
+    torch.manual_seed(0)
+    model = ScBert(config=config, gene2vec=gene2vec).eval()
+    batch = next(iter_local_batches(directory, config.n_bins, batch_size=n_cells))
+    tokens = torch.from_numpy(batch["tokens"])
+    with torch.inference_mode():
+        logits = model(tokens)
+    labels = [info.labels[i] for i in batch["label"]]
+    print(
+        f"real cells from {directory}: {info.n_cells} cells, panel of {info.n_genes} genes, "
+        f"{len(info.labels)} labels, gene embedding {config.gene_embedding}"
+    )
+    print(
+        f"tokens {tuple(tokens.shape)} ({tokens.dtype}) -> logits {tuple(logits.shape)}; "
+        f"labels of these cells: {labels}"
+    )
 
 
 if __name__ == "__main__":

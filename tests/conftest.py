@@ -84,3 +84,40 @@ def sharpen(model: ScBert, *, scale: float = 2.0) -> ScBert:
         if key.endswith(("to_q.weight", "to_k.weight")):
             state[key] = state[key] * scale
     return load_published(state).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Any:
+    """A local Ray for the whole session: 2 CPUs as on this machine, no dashboard."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+PBMC_PARAMS: dict[str, Any] = {
+    "use_raw": True,
+    "input_normalized": True,
+    "label_key": "bulk_labels",
+    "panel_min_cells": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def pbmc_h5ad() -> Path:
+    """scanpy's bundled real dataset: 700 Zheng68K PBMCs, 10 labels, log-normalised .raw."""
+    from scbert_platform.datasets import bundled_path
+
+    return bundled_path("pbmc68k_reduced")
+
+
+@pytest.fixture(scope="session")
+def pbmc_shards(tmp_path_factory: pytest.TempPathFactory, pbmc_h5ad: Path) -> Path:
+    """The real dataset ingested once per session (in this process)."""
+    from scbert_platform.ingest import ingest
+    from scbert_platform.params import DataParams
+
+    out = tmp_path_factory.mktemp("cells") / "pbmc68k"
+    ingest(pbmc_h5ad, out, DataParams(**PBMC_PARAMS), executor="local", log=lambda _: None)
+    return out

@@ -1,0 +1,157 @@
+"""The ``scbert`` command line. Each verb is a thin layer over a ``scbert_platform`` function.
+
+Parameters come from ``params.yaml`` (``--params``), then ``--set section.key=value`` overrides,
+then a verb's own flags (which are shorthands for ``--set``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scbert_platform.params import Params, ParamsError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml if present)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter (repeatable)",
+    )
+
+
+def _params(args: argparse.Namespace, flags: dict[str, object]) -> Params:
+    params = Params.load(args.params, args.overrides)
+    for dotted, value in flags.items():
+        if value is not None:
+            params.set(dotted, value)
+    return params
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from scbert_platform.ingest import ingest
+
+    params = _params(
+        args,
+        {
+            "data.name": args.name,
+            "data.panel": args.panel,
+            "data.label_key": args.label_key,
+            "data.layer": args.layer,
+            "data.gene_id_column": args.gene_id_column,
+            "data.use_raw": True if args.use_raw else None,
+            "data.input_normalized": True if args.input_normalized else None,
+            "data.make_unique": True if args.make_unique else None,
+        },
+    )
+    report = ingest(args.input, args.out, params.data, executor=args.executor)
+    if args.metrics:
+        _write_metrics(Path(args.metrics), report.manifest)
+    return 0
+
+
+def _write_metrics(path: Path, manifest: dict[str, object]) -> None:
+    import json
+
+    cells = manifest["cells"]
+    genes = manifest["genes"]
+    assert isinstance(cells, dict) and isinstance(genes, dict)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "cells_input": cells["input"],
+        "cells_kept": cells["kept"],
+        "gene_coverage": genes["coverage"],
+        "n_shards": len(manifest["shards"]),  # type: ignore[arg-type]
+    }
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from scbert_platform.datasets import fetch
+
+    path = fetch(args.name, args.out)
+    print(f"copied bundled dataset {args.name} to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_gene_embed(args: argparse.Namespace) -> int:
+    from scbert_platform.gene_embed import main
+
+    return main(args.rest)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from scbert_platform.synthetic import main
+
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scbert", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    ingest = verbs.add_parser(
+        "ingest", help="raw counts (.h5ad, 10x .h5/mtx, .loom) -> Parquet cell shards"
+    )
+    ingest.add_argument("input", help=".h5ad, 10x .h5, .loom, or a 10x matrix.mtx directory")
+    ingest.add_argument("--out", required=True, help="output shard directory (replaced)")
+    ingest.add_argument("--name", help="dataset name (data.name)")
+    ingest.add_argument("--panel", help="gene panel: symbols file or Gene2vec text (data.panel)")
+    ingest.add_argument("--label-key", help="obs column with cell-type labels (data.label_key)")
+    ingest.add_argument("--layer", help="read counts from this layer (data.layer)")
+    ingest.add_argument("--use-raw", action="store_true", help="read counts from .raw")
+    ingest.add_argument("--gene-id-column", help="align genes by this var column")
+    ingest.add_argument(
+        "--input-normalized",
+        action="store_true",
+        help="values are log1p of normalised counts (inverted first)",
+    )
+    ingest.add_argument(
+        "--make-unique", action="store_true", help="suffix duplicated gene symbols / cell ids"
+    )
+    ingest.add_argument("--executor", choices=["auto", "ray", "local"], default="auto")
+    ingest.add_argument("--metrics", help="also write a small metrics JSON (for DVC)")
+    _common(ingest)
+    ingest.set_defaults(run=cmd_ingest)
+
+    fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
+    fetch.add_argument("name", help="pbmc68k_reduced")
+    fetch.add_argument("--out", required=True, help="destination file")
+    fetch.set_defaults(run=cmd_fetch)
+
+    for verb, run, text in (
+        ("gene-embed", cmd_gene_embed, "gene2vec-style embeddings from ingested shards"),
+        ("synth", cmd_synth, "write a synthetic count matrix (.h5ad) for scale tests"),
+    ):
+        sub = verbs.add_parser(verb, help=text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from scbert_platform.ingest import IngestError
+    from scbert_platform.panel import PanelError
+
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (IngestError, ParamsError, PanelError, FileNotFoundError, KeyError) as err:
+        print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scbert {args.verb}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

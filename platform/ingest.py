@@ -1,0 +1,939 @@
+"""``scbert ingest``: raw counts -> validated, panel-aligned, normalised Parquet cell shards.
+
+Steps, as published (DESIGN.md): align the genes to the panel by symbol (or by a ``var`` id
+column), drop cells with fewer than ``min_genes`` expressed panel genes, ``normalize_total`` to
+``target_sum``, ``log2(1 + x)``. Binning happens at load time (``scbert_platform.loader``).
+
+The input is read in row chunks straight from the HDF5 file (no whole-matrix load), one task per
+chunk, on Ray Data (or in this process for inputs of a single chunk, with the same functions):
+
+1. (only when no panel is given) count the cells expressing each gene, to build the panel;
+2. scan: validate every value, count each cell's expressed panel genes and counts;
+3. plan: QC, stratified folds over the kept cells, shards of about ``shard_mb``;
+4. write: one task per shard, into a staging directory renamed into place at the end.
+
+Any bad input stops at step 2 or before, with an ``IngestError`` naming the problem and the fix,
+and nothing is written; a crash or Ctrl-C at any point leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scbert.atomic import atomic_directory
+from scbert_platform.panel import Panel, PanelError
+from scbert_platform.params import DataParams
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PANEL_FILE = "panel.txt"
+# recovering counts from log-normalised input: scaled values within this relative distance of
+# integers are counts (stored log values are often rounded, e.g. to 3 decimals)
+COUNT_RECOVERY_TOLERANCE = 0.01
+# zstd-compressed bytes per stored non-zero (uint16 index + float32 value); 2.37 measured on
+# 100,000 synthetic cells x 16,906 genes (shards of 68 MB at 3.5)
+BYTES_PER_NONZERO = 2.4
+
+
+class IngestError(ValueError):
+    """Input that cannot be ingested; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class MatrixSource:
+    """Where the counts are: an .h5ad file and the HDF5 path of the matrix within it."""
+
+    path: str
+    location: str  # "X", "layers/<name>" or "raw/X"
+
+    @contextmanager
+    def rows(self) -> Iterator[Callable[[int, int], sp.csr_matrix]]:
+        """A reader of row ranges ``[start, stop)`` as CSR, with the file open.
+
+        Reads only the rows asked for: a dense dataset by slicing, a CSR group through its
+        ``indptr`` (the current and the pre-0.7 anndata layouts); CSC is loaded once.
+        """
+        import h5py
+
+        with _reading(self.path), h5py.File(self.path, "r") as f:
+            elem = f[self.location]
+            if isinstance(elem, h5py.Dataset):
+                yield lambda start, stop: sp.csr_matrix(elem[start:stop])
+                return
+            layout, shape = sparse_layout(elem)
+            if layout == "csc":  # row slices of CSC touch the whole matrix: load it once
+                whole = sp.csc_matrix(
+                    (elem["data"][:], elem["indices"][:], elem["indptr"][:]), shape=shape
+                ).tocsr()
+                yield lambda start, stop: whole[start:stop]
+                return
+
+            def read(start: int, stop: int) -> sp.csr_matrix:
+                indptr = elem["indptr"][start : stop + 1].astype(np.int64)
+                lo, hi = int(indptr[0]), int(indptr[-1])
+                return sp.csr_matrix(
+                    (elem["data"][lo:hi], elem["indices"][lo:hi], indptr - lo),
+                    shape=(stop - start, shape[1]),
+                )
+
+            yield read
+
+
+def sparse_layout(group: Any) -> tuple[str, tuple[int, int]]:
+    """("csr" | "csc", shape) of an anndata sparse matrix group (current or legacy layout)."""
+    attrs = group.attrs
+    if "encoding-type" in attrs:
+        layout, shape = str(attrs["encoding-type"]).removesuffix("_matrix"), attrs["shape"]
+    elif "h5sparse_format" in attrs:
+        layout, shape = str(attrs["h5sparse_format"]), attrs["h5sparse_shape"]
+    else:
+        raise IngestError(f"{group.name}: not a sparse matrix anndata can read")
+    if layout not in ("csr", "csc"):
+        raise IngestError(f"{group.name}: unsupported sparse layout {layout!r}")
+    return layout, (int(shape[0]), int(shape[1]))
+
+
+@contextmanager
+def _quiet_anndata() -> Iterator[None]:
+    """anndata warns at length when it upgrades a legacy file's layout in memory."""
+    import warnings
+
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", anndata.OldFormatWarning)
+        yield
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turn the HDF5 library's errors on a bad file into an IngestError naming the file."""
+    try:
+        yield
+    except (OSError, KeyError) as err:
+        if isinstance(err, IngestError):
+            raise
+        raise IngestError(
+            f"cannot read {path}: the file is truncated, corrupt or not an .h5ad ({err}); "
+            "re-export it with anndata's write_h5ad"
+        ) from err
+
+
+@dataclass
+class InputTable:
+    """What the driver knows of the input before reading its matrix."""
+
+    source: MatrixSource
+    n_cells: int
+    genes: list[str]  # the alignment key of each column (symbols or ids)
+    cell_ids: list[str]
+    labels: list[str | None] | None
+    log_base: float | None  # of log-normalised input (None = natural log)
+    sha256: str
+    kind: str
+
+
+SUFFIXES = {".h5ad": "h5ad", ".h5": "10x_h5", ".loom": "loom"}
+
+
+def input_kind(path: Path) -> str:
+    if path.is_dir():
+        if any((path / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
+            return "10x_mtx"
+        raise IngestError(f"{path} is a directory without matrix.mtx(.gz): not a 10x mtx folder")
+    if not path.exists():
+        raise IngestError(f"input {path} does not exist: check the path (relative to {Path.cwd()})")
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise IngestError(
+            f"{path}: unsupported file type {path.suffix!r}; give an .h5ad, a 10x .h5, a .loom "
+            "or a 10x matrix.mtx directory"
+        )
+    return kind
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with file.open("rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _as_h5ad(path: Path, kind: str, scratch: Path) -> Path:
+    """Non-h5ad inputs are read by scanpy/anndata (in memory) and written as a scratch .h5ad."""
+    if kind == "h5ad":
+        return path
+    import anndata
+    import scanpy as sc
+
+    try:
+        if kind == "10x_h5":
+            adata = sc.read_10x_h5(path)
+        elif (
+            kind == "10x_mtx"
+            and (path / "matrix.mtx").exists()
+            and (path / "features.tsv").exists()
+        ):
+            adata = _read_plain_v3_mtx(path)  # scanpy expects v3 folders gzipped
+        elif kind == "10x_mtx":
+            # duplicated symbols are kept, to be reported (or made unique) like any input's
+            adata = sc.read_10x_mtx(path, make_unique=False)
+        else:
+            adata = anndata.io.read_loom(path, **_loom_names(path))
+    except Exception as err:
+        raise IngestError(f"cannot read {path} as {kind}: {err}") from err
+    adata.X = sp.csr_matrix(adata.X)
+    out = scratch / "input.h5ad"
+    adata.write_h5ad(out)
+    return out
+
+
+def _loom_names(path: Path) -> dict[str, str]:
+    """Name attributes of a .loom: loompy's Gene / CellID, or anndata's var_names / obs_names."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        rows, cols = set(f.get("row_attrs", {})), set(f.get("col_attrs", {}))
+    return {
+        "var_names": "var_names" if "var_names" in rows and "Gene" not in rows else "Gene",
+        "obs_names": "obs_names" if "obs_names" in cols and "CellID" not in cols else "CellID",
+    }
+
+
+def _read_plain_v3_mtx(path: Path) -> Any:
+    """A Cell Ranger v3-style folder with uncompressed files (e.g. STARsolo's output)."""
+    import anndata
+    import pandas as pd
+    import scipy.io
+
+    features = pd.read_csv(path / "features.tsv", sep="\t", header=None, dtype=str)
+    barcodes = pd.read_csv(path / "barcodes.tsv", sep="\t", header=None, dtype=str)[0]
+    matrix = sp.csr_matrix(scipy.io.mmread(path / "matrix.mtx").T)
+    if features.shape[1] >= 3:  # keep gene expression, as scanpy's gex_only does
+        gex = (features[2] == "Gene Expression").to_numpy()
+        features, matrix = features[gex], matrix[:, gex]
+    adata = anndata.AnnData(matrix)
+    adata.obs_names = barcodes.tolist()
+    adata.var_names = features[1 if features.shape[1] > 1 else 0].tolist()
+    adata.var["gene_ids"] = features[0].tolist()
+    return adata
+
+
+def open_input(path: str | Path, params: DataParams, scratch: Path) -> InputTable:
+    """Read the input's metadata (cells, genes, labels) and check what needs no matrix pass."""
+    import anndata
+    import h5py
+
+    path = Path(path)
+    kind = input_kind(path)
+    sha256 = file_sha256(path)
+    h5ad = _as_h5ad(path, kind, scratch)
+    if params.layer and params.use_raw:
+        raise IngestError("give either data.layer or data.use_raw, not both")
+    with _reading(str(h5ad)), h5py.File(h5ad, "r") as f:
+        candidates = (
+            [f"layers/{params.layer}"]
+            if params.layer
+            else ["raw/X", "raw.X"]
+            if params.use_raw
+            else ["X"]
+        )
+        location = next((c for c in candidates if c in f), None)
+        if location is None:
+            have = list(f["layers"].keys()) if "layers" in f else []
+            raise IngestError(
+                f"{path} has no matrix at {candidates[0]}; layers present: {have}, "
+                f".raw {'present' if 'raw' in f or 'raw.X' in f else 'absent'}: choose the "
+                "matrix with --layer NAME or --use-raw (is this an .h5ad written by anndata?)"
+            )
+        elem = f[location]
+        shape = elem.shape if isinstance(elem, h5py.Dataset) else sparse_layout(elem)[1]
+    with _reading(str(h5ad)), _quiet_anndata():
+        backed = anndata.read_h5ad(h5ad, backed="r")
+    obs = backed.obs
+    var = backed.raw.var if params.use_raw else backed.var
+    log_info = backed.uns.get("log1p", {}) if hasattr(backed.uns, "get") else {}
+    base = log_info.get("base") if isinstance(log_info, dict) else None
+    log_base = None if base is None else float(base)
+    backed.file.close()
+    n_cells, n_vars = int(shape[0]), int(shape[1])
+    if n_cells == 0 or n_vars == 0:
+        raise IngestError(
+            f"{path}: the matrix is empty ({n_cells} cells x {n_vars} genes): check that the "
+            "export wrote the data (e.g. the filtered, not an emptied, matrix)"
+        )
+    if params.gene_id_column:
+        if params.gene_id_column not in var.columns:
+            raise IngestError(
+                f"var has no column {params.gene_id_column!r} (data.gene_id_column); "
+                f"columns: {list(var.columns)}"
+            )
+        genes = var[params.gene_id_column].astype(str).tolist()
+    else:
+        genes = var.index.astype(str).tolist()
+    cell_ids = obs.index.astype(str).tolist()
+    genes = _unique_or_fail(genes, "gene", params.make_unique, "duplicated gene symbols")
+    cell_ids = _unique_or_fail(cell_ids, "cell", params.make_unique, "duplicated cell ids")
+    labels = _labels(obs, params.label_key, path)
+    return InputTable(
+        MatrixSource(str(h5ad), location), n_cells, genes, cell_ids, labels, log_base, sha256, kind
+    )
+
+
+def _unique_or_fail(names: list[str], what: str, make_unique: bool, problem: str) -> list[str]:
+    counts = Counter(names)
+    duplicated = {n: c for n, c in counts.items() if c > 1}
+    if not duplicated:
+        return names
+    if not make_unique:
+        examples = ", ".join(f"{n} (x{c})" for n, c in list(duplicated.items())[:8])
+        raise IngestError(
+            f"{problem}: {len(duplicated)} {what} names occur more than once, e.g. {examples}; "
+            f"pass --make-unique (data.make_unique=true) to suffix them -1, -2, ... as "
+            f"anndata's var_names_make_unique does"
+        )
+    import anndata.utils
+    import pandas as pd
+
+    unique: list[str] = anndata.utils.make_index_unique(pd.Index(names)).tolist()
+    print(
+        f"made {sum(duplicated.values()) - len(duplicated)} duplicated {what} names unique",
+        file=sys.stderr,
+    )
+    return unique
+
+
+def _labels(obs: Any, label_key: str, path: Path) -> list[str | None] | None:
+    if not label_key:
+        return None
+    if label_key not in obs.columns:
+        raise IngestError(
+            f"{path}: obs has no label column {label_key!r} (data.label_key); "
+            f"columns: {list(obs.columns)}"
+        )
+    column = obs[label_key]
+    labels = [None if _missing(v) else str(v) for v in column.tolist()]
+    classes = {label for label in labels if label is not None}
+    if len(classes) < 2:
+        raise IngestError(
+            f"label column {label_key!r} has {len(classes)} class(es) {sorted(classes)}: "
+            "a cell-type annotator needs at least 2; pick another column or omit data.label_key"
+        )
+    return labels
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-chunk work (runs in Ray tasks or in this process)
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    source: MatrixSource
+    start: int
+    stop: int
+    input_normalized: bool
+    log_base: float | None
+    cell_ids: tuple[str, ...]  # of rows start..stop, for error messages and shards
+
+
+def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> sp.csr_matrix:
+    """Rows of the input, validated; log-normalised input is inverted to normalised values."""
+    x = sp.csr_matrix(rows(spec.start, spec.stop), dtype=np.float64)
+    x.sum_duplicates()
+    bad = ~np.isfinite(x.data)
+    if bad.any():
+        raise IngestError(
+            f"{int(bad.sum())} NaN/inf values in cells {spec.start}..{spec.stop - 1} "
+            f"(first in cell {_cell_of(x, spec, np.flatnonzero(bad)[0])!r}): "
+            "fix or drop those cells before ingesting"
+        )
+    if (x.data < 0).any():
+        first = _cell_of(x, spec, np.flatnonzero(x.data < 0)[0])
+        raise IngestError(
+            f"negative values in cell {first!r}: counts must be >= 0 (scaled or "
+            "batch-corrected data cannot be ingested; use raw counts, e.g. --layer counts)"
+        )
+    if spec.input_normalized:
+        if x.nnz and np.all(x.data == np.round(x.data)):
+            raise IngestError(
+                "--input-normalized was given, but every value is an integer (up to "
+                f"{x.data.max():.0f}): they look like raw counts; drop --input-normalized "
+                "(it is for log1p of normalised counts)"
+            )
+        x.data = np.expm1(x.data) if spec.log_base is None else np.power(spec.log_base, x.data) - 1
+    elif x.nnz and not np.all(x.data == np.round(x.data)):
+        first = np.flatnonzero(x.data != np.round(x.data))[0]
+        raise IngestError(
+            f"non-integer value {x.data[first]:.4g} in cell {_cell_of(x, spec, first)!r}: "
+            "ingest needs raw counts; for log-normalised data pass --input-normalized, or read "
+            "the counts from another matrix with --layer NAME or --use-raw"
+        )
+    x.eliminate_zeros()
+    return x
+
+
+def _cell_of(x: sp.csr_matrix, spec: ChunkSpec, entry: int) -> str:
+    return spec.cell_ids[int(np.searchsorted(x.indptr, entry, side="right")) - 1]
+
+
+def count_scale_deviation(x: sp.csr_matrix) -> float:
+    """Relative distance of ``x / (each cell's smallest value)`` from integers (0: recoverable).
+
+    Log-normalised data is counts times a per-cell factor; a cell's smallest non-zero value is
+    almost always a count of 1, so dividing by it recovers the counts.
+    """
+    if x.nnz == 0:
+        return 0.0
+    scaled = x.data / np.repeat(_row_min(x), np.diff(x.indptr))
+    rounded = np.round(scaled)
+    return float((np.abs(scaled - rounded) / np.maximum(rounded, 1.0)).max())
+
+
+def _row_min(x: sp.csr_matrix) -> np.ndarray:
+    """Smallest stored value of each row (1.0 for empty rows)."""
+    out = np.ones(x.shape[0])
+    nonempty = np.diff(x.indptr) > 0
+    out[nonempty] = np.minimum.reduceat(x.data, x.indptr[:-1][nonempty])
+    return out
+
+
+def align(x: sp.csr_matrix, positions: np.ndarray, n_panel: int) -> sp.csr_matrix:
+    """Columns renamed to panel positions (genes not in the panel dropped), sorted per row."""
+    cols = positions[x.indices]
+    keep = cols >= 0
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=x.shape[0]))])
+    aligned = sp.csr_matrix((x.data[keep], cols[keep], indptr), shape=(x.shape[0], n_panel))
+    aligned.sort_indices()
+    return aligned
+
+
+def gene_cell_counts(spec: ChunkSpec) -> np.ndarray:
+    """Number of cells expressing each input gene in this chunk (for building a panel)."""
+    with spec.source.rows() as rows:
+        x = read_counts(spec, rows)
+    return np.bincount(x.indices, minlength=x.shape[1])
+
+
+@dataclass
+class ScanResult:
+    start: int
+    n_genes: np.ndarray  # expressed panel genes per cell
+    n_counts: np.ndarray  # total (panel) counts per cell
+    scale_deviation: float
+
+
+def scan_chunk(spec: ChunkSpec, positions: np.ndarray, n_panel: int) -> ScanResult:
+    """Validate a chunk and measure its cells for QC."""
+    with spec.source.rows() as rows:
+        x = read_counts(spec, rows)
+    deviation = count_scale_deviation(x) if spec.input_normalized else 0.0
+    aligned = align(x, positions, n_panel)
+    return ScanResult(
+        spec.start,
+        np.diff(aligned.indptr).astype(np.int32),
+        np.asarray(aligned.sum(axis=1)).ravel(),
+        deviation,
+    )
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    chunks: tuple[ChunkSpec, ...]
+    keep: tuple[np.ndarray, ...]  # per chunk: kept row offsets
+    folds: tuple[np.ndarray, ...]
+    labels: tuple[tuple[str | None, ...], ...]  # per chunk, of kept rows
+    part: int
+    directory: str
+    recover_counts: bool
+    target_sum: float
+
+
+@dataclass
+class ShardResult:
+    file: str
+    n_cells: int
+    n_bytes: int
+    sha256: str
+    n_counts_total: float
+
+
+def normalise(x: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """scanpy's normalize_total(target_sum) then log1p(base=2): v = log2(1 + x)."""
+    import anndata
+    import scanpy as sc
+
+    adata = anndata.AnnData(x.astype(np.float32))
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata, base=2)
+    return sp.csr_matrix(adata.X)
+
+
+def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardResult:
+    """Transform the kept cells of the shard's chunks and write one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for chunk, keep, folds, labels in zip(
+        spec.chunks, spec.keep, spec.folds, spec.labels, strict=True
+    ):
+        with chunk.source.rows() as rows:
+            x = read_counts(chunk, rows)
+        if spec.recover_counts:
+            x.data = np.round(x.data / np.repeat(_row_min(x), np.diff(x.indptr)))
+        counts = align(x, positions, n_panel)[keep]
+        values = normalise(counts, spec.target_sum)
+        tables.append(
+            cells_table(
+                [chunk.cell_ids[i] for i in keep],
+                list(labels),
+                values,
+                np.asarray(counts.sum(axis=1)).ravel(),
+                folds,
+                n_panel,
+            )
+        )
+    table = pa.concat_tables(tables)
+    path = Path(spec.directory) / f"part-{spec.part:05d}.parquet"
+    pq.write_table(table, path, compression="zstd", row_group_size=8192)
+    return ShardResult(
+        path.name,
+        table.num_rows,
+        path.stat().st_size,
+        file_sha256(path),
+        float(np.sum(table.column("n_counts").to_numpy())),
+    )
+
+
+def cells_table(
+    cell_ids: Sequence[str],
+    labels: Sequence[str | None],
+    values: sp.csr_matrix,
+    n_counts: np.ndarray,
+    folds: np.ndarray,
+    n_panel: int,
+) -> Any:
+    """A pyarrow Table in the shard schema (DESIGN.md) from normalised CSR rows."""
+    import pyarrow as pa
+
+    index_type = pa.uint16() if n_panel <= np.iinfo(np.uint16).max + 1 else pa.int32()
+    offsets = pa.array(values.indptr.astype(np.int32))
+    gene_idx = pa.ListArray.from_arrays(
+        offsets, pa.array(values.indices.astype(index_type.to_pandas_dtype()), type=index_type)
+    )
+    value = pa.ListArray.from_arrays(offsets, pa.array(values.data.astype(np.float32)))
+    return pa.table(
+        {
+            "cell_id": pa.array(list(cell_ids), pa.string()),
+            "label": pa.array(list(labels), pa.string()),
+            "gene_idx": gene_idx,
+            "value": value,
+            "n_counts": pa.array(n_counts.astype(np.float64)),
+            "n_genes": pa.array(np.diff(values.indptr).astype(np.int32)),
+            "fold": pa.array(folds.astype(np.int8)),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def assign_folds(
+    cell_ids: Sequence[str], labels: Sequence[str | None] | None, n_folds: int, seed: int
+) -> np.ndarray:
+    """Stratified folds 0..n_folds-1 (int8): within each label, cells ordered by a seeded hash of
+    their id are dealt round-robin from a label-specific offset. Stable when re-run: a cell's
+    fold depends only on the seed, its id and the ids of its label's cells, not on row order."""
+    if n_folds < 2:
+        raise IngestError(f"data.n_folds must be >= 2, got {n_folds}")
+    labels = labels if labels is not None else [None] * len(cell_ids)
+    folds = np.empty(len(cell_ids), dtype=np.int8)
+    by_label: dict[str | None, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for label, members in by_label.items():
+        keys = [_hash64(f"{seed}\0{cell_ids[i]}") for i in members]
+        ordered = np.asarray(members)[np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")]
+        offset = _hash64(f"{seed}\0label\0{label}") % n_folds
+        folds[ordered] = (offset + np.arange(len(ordered))) % n_folds
+    return folds
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def plan_shards(n_genes_kept: np.ndarray, shard_mb: float) -> list[tuple[int, int]]:
+    """Split kept cells (in order) into ranges of about ``shard_mb`` of compressed Parquet."""
+    budget = shard_mb * 2**20 / BYTES_PER_NONZERO
+    bounds, start, acc = [], 0, 0.0
+    for i, n in enumerate(n_genes_kept):
+        acc += float(n) + 16  # per-cell overhead (id, label, offsets) in non-zero units
+        if acc >= budget:
+            bounds.append((start, i + 1))
+            start, acc = i + 1, 0.0
+    if start < len(n_genes_kept):
+        bounds.append((start, len(n_genes_kept)))
+    return bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+
+def _run(fn: Callable[..., Any], items: Sequence[Any], use_ray: bool, desc: str) -> list[Any]:
+    """``[fn(item) for item in items]``: on Ray Data, one task per item, or in this process."""
+    if not use_ray:
+        from tqdm import tqdm
+
+        return [fn(item) for item in tqdm(items, desc=desc, unit="task", disable=len(items) < 2)]
+    import ray
+
+    payloads = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
+    dataset = ray.data.from_items(payloads, override_num_blocks=len(payloads))
+    rows = dataset.map(_ray_call, fn_kwargs={"fn": pickle.dumps(fn)}).take_all()
+    errors = sorted((row["i"], row["error"]) for row in rows if row["error"])
+    if errors:  # the first in input order, as the in-process run would report it
+        raise IngestError(errors[0][1])
+    rows.sort(key=lambda row: row["i"])
+    return [pickle.loads(row["result"]) for row in rows]
+
+
+def _ray_call(row: dict[str, Any], fn: bytes) -> dict[str, Any]:
+    """Ray Data map function: run a pickled function on a pickled item. An IngestError comes
+    back as data: Ray would wrap it in its own exception types on the way to the driver."""
+    try:
+        result = pickle.dumps(pickle.loads(fn)(pickle.loads(row["item"])))
+    except IngestError as err:
+        return {"i": row["i"], "result": b"", "error": str(err)}
+    return {"i": row["i"], "result": result, "error": ""}
+
+
+@contextmanager
+def _ray_session(use_ray: bool) -> Iterator[None]:
+    """Start a local Ray if none is running (and stop it after); use a running one as is."""
+    if not use_ray:
+        yield
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class IngestReport:
+    output: str
+    n_cells_in: int
+    n_cells_kept: int
+    n_shards: int
+    seconds: float
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def ingest(
+    source: str | Path,
+    output: str | Path,
+    params: DataParams,
+    *,
+    executor: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> IngestReport:
+    """Ingest ``source`` into the shard directory ``output`` (replaced atomically).
+
+    ``executor``: ``ray`` (Ray Data tasks), ``local`` (this process) or ``auto`` (``ray`` when
+    the input has more than one chunk of ``params.chunk_cells`` cells).
+    """
+    say = log or (lambda message: print(message, file=sys.stderr))
+    started = time.perf_counter()
+    source, output = Path(source), Path(output)
+    if executor not in ("auto", "ray", "local"):
+        raise ValueError(f"executor must be auto, ray or local, got {executor!r}")
+    if params.chunk_cells < 1 or params.shard_mb <= 0 or params.min_genes < 0:
+        raise IngestError("data.chunk_cells and data.shard_mb must be positive, min_genes >= 0")
+    with tempfile.TemporaryDirectory(prefix="scbert-ingest-") as scratch:
+        table = open_input(source, params, Path(scratch))
+        n_chunks = math.ceil(table.n_cells / params.chunk_cells)
+        use_ray = executor == "ray" or (executor == "auto" and n_chunks > 1)
+        say(
+            f"ingest {source} ({table.kind}, {table.n_cells} cells x {len(table.genes)} genes, "
+            f"matrix {table.source.location}) in {n_chunks} chunk(s) "
+            f"{'on Ray Data' if use_ray else 'in this process'}"
+        )
+        if params.input_normalized:
+            base = "e" if table.log_base is None else f"{table.log_base:g}"
+            say(f"input is log-normalised (log1p, base {base}): inverted with base**v - 1")
+        chunks = [
+            _chunk(table, params, start, min(start + params.chunk_cells, table.n_cells))
+            for start in range(0, table.n_cells, params.chunk_cells)
+        ]
+        with _ray_session(use_ray):
+            manifest = _ingest(table, chunks, output, params, use_ray, say, source)
+    seconds = time.perf_counter() - started
+    cells = manifest["cells"]
+    say(
+        f"wrote {cells['kept']} of {cells['input']} cells in {len(manifest['shards'])} shard(s) "
+        f"to {output} in {seconds:.1f} s"
+    )
+    return IngestReport(
+        str(output), cells["input"], cells["kept"], len(manifest["shards"]), seconds, manifest
+    )
+
+
+def _chunk(table: InputTable, params: DataParams, start: int, stop: int) -> ChunkSpec:
+    return ChunkSpec(
+        table.source,
+        start,
+        stop,
+        params.input_normalized,
+        table.log_base,
+        tuple(table.cell_ids[start:stop]),
+    )
+
+
+def _ingest(
+    table: InputTable,
+    chunks: list[ChunkSpec],
+    output: Path,
+    params: DataParams,
+    use_ray: bool,
+    say: Callable[[str], None],
+    source: Path,
+) -> dict[str, Any]:
+    panel = _panel(table, chunks, params, use_ray, say)
+    positions = panel.positions(table.genes)
+    found = int((positions >= 0).sum())
+    coverage = found / len(panel)
+    say(f"panel {panel.name}: {found} of {len(panel)} genes found in the data ({coverage:.1%})")
+    if coverage < params.min_coverage:
+        present = set(table.genes)
+        missing = [g for g in panel.genes if g not in present][:5]
+        raise IngestError(
+            f"only {found} of the panel's {len(panel)} genes ({coverage:.1%}) are in the data, "
+            f"below data.min_coverage={params.min_coverage:.0%}; panel genes missing e.g. "
+            f"{missing}, data genes e.g. {table.genes[:5]}: check that both use the same "
+            "naming (symbols vs Ensembl ids: --gene-id-column), or lower data.min_coverage"
+        )
+    n_panel = len(panel)
+    scan = partial(scan_chunk, positions=positions, n_panel=n_panel)
+    scans = _run(scan, chunks, use_ray, "scan")
+    n_genes = np.concatenate([s.n_genes for s in scans])
+    n_counts = np.concatenate([s.n_counts for s in scans])
+    recover = False
+    if params.input_normalized:
+        deviation = max(s.scale_deviation for s in scans)
+        recover = deviation <= COUNT_RECOVERY_TOLERANCE
+        say(
+            "counts recovered by dividing each cell by its smallest value (a count of 1), "
+            f"max deviation from integers {deviation:.3g}"
+            if recover
+            else f"counts not recoverable (deviation {deviation:.3g}): normalised values used"
+        )
+    low = n_genes < params.min_genes
+    empty = ~low & (n_counts <= 0)
+    keep = ~(low | empty)
+    kept_rows = np.flatnonzero(keep)
+    if kept_rows.size == 0:
+        raise IngestError(
+            f"no cell has at least {params.min_genes} expressed panel genes (data.min_genes); "
+            f"the most any cell has is {int(n_genes.max())}: lower data.min_genes"
+        )
+    kept_ids = [table.cell_ids[i] for i in kept_rows]
+    kept_labels = None if table.labels is None else [table.labels[i] for i in kept_rows]
+    folds = assign_folds(kept_ids, kept_labels, params.n_folds, params.seed)
+    fold_of = np.full(table.n_cells, -1, dtype=np.int8)
+    fold_of[kept_rows] = folds
+
+    with atomic_directory(output) as staging:
+        shards = []
+        for part, (lo, hi) in enumerate(plan_shards(n_genes[kept_rows], params.shard_mb)):
+            rows = kept_rows[lo:hi]
+            windows = [
+                _chunk(table, params, start, min(start + params.chunk_cells, rows[-1] + 1))
+                for start in range(int(rows[0]), int(rows[-1]) + 1, params.chunk_cells)
+            ]
+            keeps = [rows[(rows >= w.start) & (rows < w.stop)] for w in windows]
+            shards.append(
+                ShardSpec(
+                    chunks=tuple(windows),
+                    keep=tuple(k - w.start for k, w in zip(keeps, windows, strict=True)),
+                    folds=tuple(fold_of[k] for k in keeps),
+                    labels=tuple(
+                        tuple(None if table.labels is None else table.labels[i] for i in k)
+                        for k in keeps
+                    ),
+                    part=part,
+                    directory=str(staging),
+                    recover_counts=recover,
+                    target_sum=params.target_sum,
+                )
+            )
+        write = partial(write_shard, positions=positions, n_panel=n_panel)
+        results = _run(write, shards, use_ray, "write")
+        panel.write(staging / PANEL_FILE)
+        manifest = _manifest(
+            table,
+            params,
+            panel,
+            found,
+            n_genes,
+            keep,
+            low,
+            empty,
+            kept_labels,
+            folds,
+            results,
+            recover,
+            source,
+            output,
+        )
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _panel(
+    table: InputTable,
+    chunks: list[ChunkSpec],
+    params: DataParams,
+    use_ray: bool,
+    say: Callable[[str], None],
+) -> Panel:
+    if params.panel:
+        try:
+            return Panel.from_file(params.panel)
+        except PanelError as err:
+            raise IngestError(str(err)) from err
+    say(f"building the panel: genes expressed in >= {params.panel_min_cells} cells")
+    counts = sum(_run(gene_cell_counts, chunks, use_ray, "panel"))
+    try:
+        return Panel.from_cell_counts(
+            table.genes, np.asarray(counts), min_cells=params.panel_min_cells, name="data"
+        )
+    except PanelError as err:
+        raise IngestError(str(err)) from err
+
+
+def _manifest(
+    table: InputTable,
+    params: DataParams,
+    panel: Panel,
+    found: int,
+    n_genes: np.ndarray,
+    keep: np.ndarray,
+    low: np.ndarray,
+    empty: np.ndarray,
+    kept_labels: list[str | None] | None,
+    folds: np.ndarray,
+    results: list[ShardResult],
+    recover: bool,
+    source: Path,
+    output: Path,
+) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    label_counts = Counter("<unlabelled>" if lab is None else lab for lab in (kept_labels or []))
+    fold_counts = Counter(int(f) for f in folds)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": params.name or output.name,
+        "source": {
+            "path": str(source),
+            "kind": table.kind,
+            "sha256": table.sha256,
+            "matrix": table.source.location,
+            "input_normalized": params.input_normalized,
+            "log_base": table.log_base,
+            "counts_recovered": recover,
+        },
+        "panel": {
+            "name": panel.name,
+            "file": PANEL_FILE,
+            "sha256": panel.sha256,
+            "n_genes": len(panel),
+            "gene_index_type": "uint16" if len(panel) <= 65536 else "int32",
+        },
+        "preprocessing": {
+            "align": "by " + (params.gene_id_column or "var_names") + "; missing genes = 0",
+            "min_genes": params.min_genes,
+            "normalize_total": params.target_sum,
+            "log": "log2(1 + x)",
+            "params": asdict(params),
+        },
+        "genes": {
+            "panel": len(panel),
+            "found": found,
+            "coverage": found / len(panel),
+            "input": len(table.genes),
+            "dropped_not_in_panel": len(table.genes) - found,
+        },
+        "cells": {
+            "input": table.n_cells,
+            "kept": int(keep.sum()),
+            "dropped": {
+                f"fewer than {params.min_genes} expressed panel genes": int(low.sum()),
+                "no counts in the panel": int(empty.sum()),
+            },
+            "median_genes_per_kept_cell": float(np.median(n_genes[keep])),
+        },
+        "labels": {
+            "key": params.label_key or None,
+            "counts": dict(sorted(label_counts.items())),
+        },
+        "folds": {
+            "n_folds": params.n_folds,
+            "seed": params.seed,
+            "counts": {str(k): fold_counts[k] for k in range(params.n_folds)},
+        },
+        "shards": [asdict(r) for r in results],
+        "software": {
+            name: md.version(name) for name in ("scbert-platform", "anndata", "scanpy", "pyarrow")
+        },
+    }
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not an ingested shard directory")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest

@@ -1,0 +1,252 @@
+"""From Parquet cell shards to model batches: densify, bin, append the extra position.
+
+``CellBatcher`` is the transform, plain numpy/pyarrow (no Ray): serving and notebooks use it
+directly. ``cell_dataset`` wraps it in a Ray Data pipeline for training:
+
+    read_parquet(shards) -> filter(fold) -> map_batches(CellBatcher) -> iter_torch_batches
+
+Shuffling: Ray Data's full ``random_shuffle`` moves every cell through the object store each
+epoch. Instead, the file order is randomised per epoch and batches are drawn from a local shuffle
+buffer of ``shuffle_buffer`` cells: cells only mix with cells within the buffer's reach (a few
+shards' worth), which is enough when shards are not sorted by label (ingest keeps the input's
+order, so a label-sorted input gives label-sorted shards: use a buffer larger than a shard then).
+For Ray Train, pass the dataset to the trainer: each worker's ``get_dataset_shard`` gets a disjoint
+part (``streaming_split``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scbert.tokens import APPENDED_TOKEN, bin_values
+from scbert_platform.ingest import PANEL_FILE, read_manifest
+
+NO_LABEL = -1  # label id of unlabelled cells and of labels outside the vocabulary
+
+
+def shard_files(directory: str | Path) -> list[str]:
+    """The Parquet shards of an ingested directory, in order."""
+    files = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no part-*.parquet shards: run scbert ingest")
+    return files
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a loader needs to know of an ingested directory."""
+
+    directory: Path
+    n_genes: int
+    panel: list[str]
+    labels: list[str]  # the label vocabulary (sorted), index = label id
+    n_cells: int
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ShardInfo:
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        panel = (directory / PANEL_FILE).read_text().splitlines()
+        if len(panel) != manifest["panel"]["n_genes"]:
+            raise ValueError(f"{directory}: {PANEL_FILE} does not match the manifest")
+        labels = sorted(k for k in manifest["labels"]["counts"] if k != "<unlabelled>")
+        return cls(directory, len(panel), panel, labels, manifest["cells"]["kept"])
+
+
+class CellBatcher:
+    """Shard rows -> ``{"tokens": (b, n_genes + 1), "label": (b,) int64}``.
+
+    Tokens are ``min(value, n_bins)`` truncated (``scbert.tokens.bin_values``) with the appended
+    position (token 0) last. ``dtype`` uint8 by default: 17 kB per paper-size cell instead of
+    135 kB as int64, which the model widens on the device.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_bins: int,
+        labels: Sequence[str] = (),
+        *,
+        dtype: Any = np.uint8,
+    ) -> None:
+        if n_bins + 1 > np.iinfo(dtype).max:
+            raise ValueError(f"n_bins={n_bins} does not fit tokens of dtype {np.dtype(dtype)}")
+        self.n_genes = n_genes
+        self.n_bins = n_bins
+        self.dtype = dtype
+        self.label_ids = {label: i for i, label in enumerate(labels)}
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """``batch``: a pyarrow Table (or a dict of columns) in the shard schema."""
+        gene_idx, value = _flat_lists(batch, "gene_idx"), _flat_lists(batch, "value")
+        offsets, genes = gene_idx
+        _, values = value
+        n_cells = len(offsets) - 1
+        if genes.size and int(genes.max()) >= self.n_genes:
+            raise ValueError(f"gene index {int(genes.max())} outside a panel of {self.n_genes}")
+        width = self.n_genes + 1
+        tokens = np.zeros((n_cells, width), dtype=self.dtype)
+        index = np.int32 if n_cells * width < np.iinfo(np.int32).max else np.int64
+        flat = np.repeat(np.arange(0, n_cells * width, width, dtype=index), np.diff(offsets))
+        flat += genes
+        tokens.reshape(-1)[flat] = bin_values(values, self.n_bins, dtype=self.dtype)
+        tokens[:, -1] = APPENDED_TOKEN
+        return {"tokens": tokens, "label": self.encode_labels(_column(batch, "label"))}
+
+    def encode_labels(self, labels: Sequence[Any]) -> np.ndarray:
+        return np.fromiter(
+            (self.label_ids.get(label, NO_LABEL) for label in labels),
+            dtype=np.int64,
+            count=len(labels),
+        )
+
+
+def _column(batch: Any, name: str) -> list[Any]:
+    column = batch[name]
+    return column.to_pylist() if hasattr(column, "to_pylist") else list(column)
+
+
+def _flat_lists(batch: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, flat values) of a list column, from Arrow without a Python-level loop."""
+    import pyarrow as pa
+
+    column = batch[name]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if isinstance(column, pa.ListArray | pa.LargeListArray):
+        offsets = column.offsets.to_numpy()
+        flat = column.values.to_numpy(zero_copy_only=False)
+        return offsets - offsets[0], flat[offsets[0] : offsets[-1]]
+    lists = [np.asarray(x) for x in column]  # numpy batch format: an object array of arrays
+    lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.concatenate(lists) if lists else np.zeros(0)
+    return offsets, flat
+
+
+def iter_local_batches(
+    directory: str | Path,
+    n_bins: int,
+    *,
+    batch_size: int = 64,
+    folds: Sequence[int] | None = None,
+    exclude_folds: Sequence[int] = (),
+    prefetch: int = 4,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from shards in this process, in file order (no Ray): notebooks, serving, tests.
+
+    A background thread reads and decodes the Parquet (pyarrow releases the GIL) up to
+    ``prefetch`` batches ahead while this thread densifies and bins: on 2 cores that nearly
+    doubles the cells/s of doing both in turn. ``prefetch=0`` reads in this thread.
+    """
+    info = ShardInfo.read(directory)
+    batcher = CellBatcher(info.n_genes, n_bins, info.labels)
+    batches = _record_batches(shard_files(directory), batch_size, folds, exclude_folds)
+    for record_batch in _prefetched(batches, prefetch) if prefetch > 0 else batches:
+        yield batcher(record_batch)
+
+
+def _record_batches(
+    files: Sequence[str],
+    batch_size: int,
+    folds: Sequence[int] | None,
+    exclude_folds: Sequence[int],
+) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    columns = ["gene_idx", "value", "label", "fold"]
+    for file in files:
+        shard = pq.ParquetFile(file, memory_map=True)
+        for record_batch in shard.iter_batches(batch_size=batch_size, columns=columns):
+            keep = _fold_mask(record_batch.column("fold").to_numpy(), folds, exclude_folds)
+            if keep.all():
+                yield record_batch
+            elif keep.any():
+                yield record_batch.filter(keep)
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` produced by a daemon thread, at most ``depth`` ahead; its errors re-raised here.
+    Stopping early (break, close) stops the thread at its next item."""
+    import queue
+    import threading
+
+    done = object()
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(done)
+        except BaseException as err:  # handed to the consumer
+            buffer.put(err)
+
+    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full buffer
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
+
+
+def _fold_mask(
+    fold: np.ndarray, folds: Sequence[int] | None, exclude_folds: Sequence[int]
+) -> np.ndarray:
+    keep = np.ones(len(fold), dtype=bool) if folds is None else np.isin(fold, list(folds))
+    return keep & ~np.isin(fold, list(exclude_folds))
+
+
+def cell_dataset(
+    directory: str | Path,
+    n_bins: int,
+    *,
+    folds: Sequence[int] | None = None,
+    exclude_folds: Sequence[int] = (),
+    batch_size: int = 2048,
+    shuffle_files: bool = True,
+) -> Any:
+    """A Ray Data Dataset of ``{"tokens", "label"}`` rows from an ingested directory.
+
+    ``folds`` keeps those folds (e.g. the validation fold), ``exclude_folds`` drops them (e.g.
+    training = all folds but one). ``batch_size`` is the transform's block of cells (large blocks
+    amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here); iterate with
+    ``iter_torch_batches(batch_size=..., local_shuffle_buffer_size=..., prefetch_batches=4)``,
+    or hand the dataset to a Ray Train trainer.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    info = ShardInfo.read(directory)
+    dataset = ray.data.read_parquet(
+        shard_files(directory), shuffle="files" if shuffle_files else None
+    ).select_columns(["gene_idx", "value", "label", "fold"])  # pushed down into the reader
+    if folds is not None:
+        dataset = dataset.filter(expr=col("fold").is_in(list(folds)))
+    if exclude_folds:
+        dataset = dataset.filter(expr=col("fold").not_in(list(exclude_folds)))
+    batcher = CellBatcher(info.n_genes, n_bins, info.labels)
+    return dataset.map_batches(
+        _apply, fn_kwargs={"batcher": batcher}, batch_format="pyarrow", batch_size=batch_size
+    )
+
+
+def _apply(batch: Any, batcher: CellBatcher) -> dict[str, np.ndarray]:
+    """Ray Data task function (a plain function: no actor start-up per pipeline)."""
+    return batcher(batch)

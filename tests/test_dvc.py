@@ -1,0 +1,102 @@
+"""The DVC pipeline for real: repro, no-op re-run, an experiment with -S, push and pull."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent  # the venv's scbert and dvc
+
+
+def run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env["DVC_NO_ANALYTICS"] = "1"
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def digest(path: Path) -> dict[str, str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {
+        str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repository holding the project's pipeline (dvc.yaml, params.yaml) and the
+    files its stages depend on, with a local remote."""
+    root = tmp_path_factory.mktemp("project")
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    stages = spec["stages"].values()
+    outs = {o for stage in stages for o in stage.get("outs", [])}
+    deps = {d for stage in stages for d in stage.get("deps", [])} - outs  # the code, not data
+    for name in ["dvc.yaml", "params.yaml", *sorted(deps)]:
+        if (REPO_ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO_ROOT / name, root / name)
+    run(["git", "init", "-q"], root)
+    run(["git", "config", "user.email", "ci@example.org"], root)
+    run(["git", "config", "user.name", "CI"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "remote")], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "pipeline"], root)
+    return root
+
+
+def test_repro_runs_the_pipeline_on_the_real_dataset(project: Path) -> None:
+    out = run([str(BIN / "dvc"), "repro"], project)
+    for stage in ("fetch", "ingest", "gene-embed"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((project / "reports" / "ingest.json").read_text())
+    assert metrics == {"cells_input": 700, "cells_kept": 693, "gene_coverage": 1.0, "n_shards": 1}
+    vectors = (project / "data" / "gene2vec" / "pbmc68k.txt").read_text().splitlines()
+    assert len(vectors) == 765 and len(vectors[0].split()) == 201
+
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage" not in again
+    assert "up to date" in run([str(BIN / "dvc"), "status"], project)
+
+
+def test_experiment_with_a_changed_parameter_reruns_from_ingest(project: Path) -> None:
+    run([str(BIN / "dvc"), "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "results"], project)
+    out = run([str(BIN / "dvc"), "exp", "run", "-S", "data.min_genes=300"], project)
+    assert "Running stage 'ingest'" in out
+    assert "Running stage 'fetch'" not in out
+    metrics = json.loads((project / "reports" / "ingest.json").read_text())
+    assert metrics["cells_input"] == 700
+    assert metrics["cells_kept"] < 693
+    assert "min_genes: 300" in (project / "params.yaml").read_text()
+    run(["git", "checkout", "--", "params.yaml", "dvc.lock", "reports"], project)
+    run([str(BIN / "dvc"), "checkout", "-q"], project)
+
+
+def test_push_then_pull_restores_the_data(project: Path) -> None:
+    run([str(BIN / "dvc"), "repro"], project)
+    outputs = [project / "data" / "raw", project / "data" / "cells", project / "data" / "gene2vec"]
+    before = {k: v for path in outputs for k, v in digest(path).items() if ".gitignore" not in k}
+    run([str(BIN / "dvc"), "push"], project)
+    assert any((project.parent / "remote").rglob("*"))
+    for path in outputs:
+        for item in path.iterdir():
+            if item.name != ".gitignore":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
+    run([str(BIN / "dvc"), "pull"], project)
+    after = {k: v for path in outputs for k, v in digest(path).items() if ".gitignore" not in k}
+    assert after == before

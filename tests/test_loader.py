@@ -1,0 +1,157 @@
+"""From shards to model batches: the Ray-free transform, and the Ray Data pipeline."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import build_model, tiny_config
+
+from scbert import tokenize
+from scbert_platform.ingest import read_manifest
+from scbert_platform.loader import (
+    NO_LABEL,
+    CellBatcher,
+    ShardInfo,
+    cell_dataset,
+    iter_local_batches,
+    shard_files,
+)
+
+
+def dense_values(table: object, n_genes: int) -> np.ndarray:
+    gene_idx = table.column("gene_idx").to_pylist()  # type: ignore[attr-defined]
+    values = table.column("value").to_pylist()  # type: ignore[attr-defined]
+    rows = np.repeat(np.arange(len(gene_idx)), [len(g) for g in gene_idx])
+    flat_genes = np.concatenate(gene_idx).astype(np.int64)
+    matrix = sp.csr_matrix((np.concatenate(values), (rows, flat_genes)), (len(gene_idx), n_genes))
+    return matrix.toarray()
+
+
+@pytest.mark.parametrize("n_bins", [5, 7])
+def test_batcher_equals_tokenize_of_the_dense_values(pbmc_shards: Path, n_bins: int) -> None:
+    info = ShardInfo.read(pbmc_shards)
+    table = pq.read_table(shard_files(pbmc_shards)[0]).slice(0, 50)
+    batch = CellBatcher(info.n_genes, n_bins, info.labels)(table)
+    expected = tokenize(dense_values(table, info.n_genes), n_bins)
+    assert batch["tokens"].dtype == np.uint8
+    assert batch["tokens"].shape == (50, info.n_genes + 1)
+    np.testing.assert_array_equal(batch["tokens"], expected.numpy())
+    labels = [info.labels[i] for i in batch["label"]]
+    assert labels == table.column("label").to_pylist()
+
+
+def test_unknown_and_missing_labels_get_no_label_id() -> None:
+    batcher = CellBatcher(3, 5, ["a", "b"])
+    np.testing.assert_array_equal(batcher.encode_labels(["b", None, "z", "a"]), [1, -1, -1, 0])
+    assert NO_LABEL == -1
+
+
+def test_out_of_panel_index_and_oversized_bins_are_rejected() -> None:
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "gene_idx": pa.array([[0, 5]], pa.list_(pa.uint16())),
+            "value": pa.array([[1.0, 2.0]], pa.list_(pa.float32())),
+            "label": pa.array([None], pa.string()),
+        }
+    )
+    with pytest.raises(ValueError, match="outside a panel of 3"):
+        CellBatcher(3, 5)(table)
+    with pytest.raises(ValueError, match="does not fit"):
+        CellBatcher(3, 300)
+
+
+def test_model_takes_the_compact_tokens() -> None:
+    model = build_model(tiny_config()).eval()
+    tokens = torch.randint(0, 6, (3, 25))
+    with torch.inference_mode():
+        wide = model(tokens)
+        compact = model(tokens.to(torch.uint8))
+    torch.testing.assert_close(compact, wide, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="integer"):
+        model(tokens.float())
+
+
+def test_local_batches_split_by_fold(pbmc_shards: Path) -> None:
+    counts = read_manifest(pbmc_shards)["folds"]["counts"]
+    held_out = sum(len(b["label"]) for b in iter_local_batches(pbmc_shards, 5, folds=[2]))
+    rest = sum(len(b["label"]) for b in iter_local_batches(pbmc_shards, 5, exclude_folds=[2]))
+    assert held_out == counts["2"]
+    assert held_out + rest == sum(counts.values())
+
+
+@pytest.mark.ray
+def test_ray_pipeline_folds_shapes_and_labels(ray_local: object, pbmc_shards: Path) -> None:
+    info = ShardInfo.read(pbmc_shards)
+    counts = read_manifest(pbmc_shards)["folds"]["counts"]
+    train = cell_dataset(pbmc_shards, 5, exclude_folds=[0])
+    valid = cell_dataset(pbmc_shards, 5, folds=[0])
+    seen = []
+    for batch in valid.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
+        assert batch["tokens"].dtype == torch.uint8
+        assert batch["tokens"].shape[1] == info.n_genes + 1
+        assert (batch["tokens"][:, -1] == 0).all()
+        seen.append(batch["label"])
+    assert sum(len(s) for s in seen) == counts["0"]
+    assert train.count() == sum(counts.values()) - counts["0"]
+    local = np.concatenate([b["label"] for b in iter_local_batches(pbmc_shards, 5, folds=[0])])
+    np.testing.assert_array_equal(np.sort(torch.cat(seen).numpy()), np.sort(local))
+
+
+@pytest.mark.ray
+def test_streaming_split_gives_each_worker_a_disjoint_part(
+    ray_local: object, pbmc_shards: Path
+) -> None:
+    """What Ray Train's get_dataset_shard does per worker: disjoint parts covering the data."""
+    dataset = cell_dataset(pbmc_shards, 5)
+    parts = dataset.streaming_split(2, equal=False)
+    totals = [0, 0]
+    label_sums = [0, 0]
+
+    def consume(i: int) -> None:
+        for batch in parts[i].iter_batches(batch_size=32):
+            totals[i] += len(batch["label"])
+            label_sums[i] += int(batch["label"].sum())
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sum(totals) == read_manifest(pbmc_shards)["cells"]["kept"]
+    all_labels = np.concatenate([b["label"] for b in iter_local_batches(pbmc_shards, 5)])
+    assert sum(label_sums) == int(all_labels.sum())
+
+
+def test_prefetching_reader_gives_the_same_batches_and_stops_cleanly(pbmc_shards: Path) -> None:
+    plain = list(iter_local_batches(pbmc_shards, 5, batch_size=100, prefetch=0))
+    ahead = list(iter_local_batches(pbmc_shards, 5, batch_size=100, prefetch=2))
+    assert len(plain) == len(ahead) > 2
+    for a, b in zip(plain, ahead, strict=True):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    batches = iter_local_batches(pbmc_shards, 5, batch_size=10, prefetch=1)
+    next(batches)
+    batches.close()  # the consumer stops early: the reader thread must end too
+    assert not [t for t in threading.enumerate() if t.name == "shard-reader"]
+
+
+def test_reader_errors_reach_the_consumer() -> None:
+    from scbert_platform.loader import _prefetched
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise OSError("disk gone")
+
+    items = _prefetched(failing(), 2)
+    assert next(items) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(items)
