@@ -12,6 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from scbert.atomic import atomic_file
+
 BUNDLED = {
     "pbmc68k_reduced": ("scanpy", "datasets/10x_pbmc68k_reduced.h5ad"),
 }
@@ -36,8 +38,6 @@ def bundled_path(name: str) -> Path:
 def fetch(name: str, destination: str | Path) -> Path:
     """Copy a bundled dataset to ``destination`` (a file path)."""
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial")
-    shutil.copyfile(bundled_path(name), partial)
-    partial.replace(destination)
+    with atomic_file(destination) as staging:
+        shutil.copyfile(bundled_path(name), staging)
     return destination

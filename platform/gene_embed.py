@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,6 +44,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from scbert.atomic import atomic_file
 
 Weighting = Literal["binary", "value"]
 SHARD_GLOB = "part-*.parquet"
@@ -320,17 +320,9 @@ def write_gene2vec_text(path: str | Path, genes: Sequence[str], vectors: np.ndar
     if len(set(genes)) != len(genes):
         raise ValueError("gene symbols must be unique")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name opened with "x" (not mkstemp, whose files are 0600): the umask applies
-    tmp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_name, "x", encoding="utf-8") as handle:
-            for gene, row in zip(genes, matrix, strict=True):
-                handle.write(gene + " " + " ".join(map("{:.9g}".format, row.tolist())) + "\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as staging, open(staging, "x", encoding="utf-8") as handle:
+        for gene, row in zip(genes, matrix, strict=True):
+            handle.write(gene + " " + " ".join(map("{:.9g}".format, row.tolist())) + "\n")
     return path
 
 

@@ -23,10 +23,8 @@ drawn in row order, so asking for fewer cells gives the first rows of a larger r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.io import write_elem
+
+from scbert.atomic import atomic_file
 
 # cells drawn from one generator; fixed so that the output does not depend on chunk sizes
 BLOCK_CELLS = 1_000
@@ -283,16 +283,8 @@ def write_synthetic_h5ad(
         n_cells, n_genes, n_types, seed, mean_genes_per_cell, module_size, fold_change, dispersion
     )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name created by h5py (not mkstemp, whose files are 0600): the umask applies
-    tmp_name = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with h5py.File(tmp_name, "w-") as handle:
-            _write_h5ad_streaming(handle, spec, chunk_cells, dtype, progress)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as staging, h5py.File(staging, "w-") as handle:
+        _write_h5ad_streaming(handle, spec, chunk_cells, dtype, progress)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Write a directory atomically: fill a hidden staging directory, then rename it into place.
+"""Write a directory or a file atomically: fill a hidden staging copy, then rename it into place.
 
 A crash, an exception or Ctrl-C while the directory is being written leaves the previous version
 (if any) intact and no half-written directory under the target name.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,4 +44,22 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``target`` to write; on success it replaces ``target``.
+
+    The temporary name is new (not ``mkstemp``, whose files are 0600), so the file the caller
+    creates follows the umask. On any exception it is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield staging
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
         raise

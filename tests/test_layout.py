@@ -66,3 +66,12 @@ def test_platform_folder_is_scbert_platform() -> None:
     assert config["tool"]["setuptools"]["package-dir"]["scbert_platform"] == "platform"
     out = run_python("import scbert_platform.demo as d; print(d.__file__)", REPO_ROOT)
     assert Path(out.strip()).name == "demo.py"
+
+
+def test_the_batch_transform_needs_no_ray() -> None:
+    """Serving and notebooks use CellBatcher without Ray: importing it must not import Ray."""
+    code = (
+        "import sys, scbert_platform.loader, scbert_platform.ingest\n"
+        "print('ray' in sys.modules)"
+    )
+    assert run_python(code, REPO_ROOT).strip() == "False"
