@@ -7,6 +7,7 @@ then a verb's own flags (which are shorthands for ``--set``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,6 +75,38 @@ def _write_metrics(path: Path, manifest: dict[str, object]) -> None:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from scbert_platform.train_ray import fit
+
+    params = _params(args, {})
+    result = fit(
+        args.verb,
+        args.shards,
+        params,
+        init_from=getattr(args, "init_from", None),
+        from_scratch=getattr(args, "from_scratch", False),
+        run_name=args.resume or args.run_name,
+        resume=bool(args.resume),
+    )
+    summary = {
+        "run": result.run_name,
+        "mlflow_run_id": result.mlflow_run_id,
+        "checkpoint": result.checkpoint,
+        "steps": result.steps,
+        **result.metrics,
+    }
+    print(json.dumps(summary, indent=2, default=float))
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    if args.out:
+        import shutil
+
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.copytree(result.checkpoint, args.out)
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from scbert_platform.datasets import fetch
 
@@ -122,6 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ingest)
     ingest.set_defaults(run=cmd_ingest)
 
+    for verb, text in (
+        ("pretrain", "masked-reconstruction pretraining on Ray Train, tracked in MLflow"),
+        ("finetune", "cell-type fine-tuning on Ray Train, tracked in MLflow"),
+    ):
+        sub = verbs.add_parser(verb, help=text)
+        sub.add_argument("shards", help="an ingested shard directory")
+        sub.add_argument("--run-name", help="name of the run under train.storage_path")
+        sub.add_argument(
+            "--resume", metavar="RUN", help="continue a stopped run from its checkpoint"
+        )
+        sub.add_argument("--out", help="also copy the final model checkpoint directory here")
+        sub.add_argument("--metrics", help="also write the final metrics as JSON (for DVC)")
+        if verb == "finetune":
+            sub.add_argument(
+                "--init-from", help="pretrained checkpoint: our directory or a published .pth"
+            )
+            sub.add_argument(
+                "--from-scratch",
+                action="store_true",
+                help="no pretrained weights, everything trained (the paper's ablation)",
+            )
+        _common(sub)
+        sub.set_defaults(run=cmd_train)
+
     fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
     fetch.add_argument("name", help="pbmc68k_reduced")
     fetch.add_argument("--out", required=True, help="destination file")
@@ -140,12 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from scbert_platform.ingest import IngestError
     from scbert_platform.panel import PanelError
+    from scbert_platform.train_ray import TrainingError
 
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (IngestError, ParamsError, PanelError, FileNotFoundError, KeyError) as err:
+    except (
+        IngestError,
+        ParamsError,
+        PanelError,
+        TrainingError,
+        FileNotFoundError,
+        KeyError,
+    ) as err:
         print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -60,7 +60,40 @@ class DataParams:
 
 @dataclass
 class TrainParams:
-    """Training (filled in by the training issue)."""
+    """Pretraining and fine-tuning (``scbert pretrain`` / ``scbert finetune``)."""
+
+    workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # leave CPUs for Ray Data: workers x this < cluster CPUs
+    batch_size: int = 3  # cells per worker per micro-step (published: 3 per GPU)
+    grad_accum: int = 60  # micro-steps per optimiser step (published: 60)
+    lr: float = 1e-4  # Adam (published)
+    schedule: str = "cosine_restarts"  # cosine_restarts | constant | linear_warmup
+    warmup_steps: int = 5  # published values, counted in optimiser steps (not epochs)
+    first_cycle_steps: int = 15
+    cycle_mult: float = 2.0
+    min_lr: float = 1e-6
+    gamma: float = 0.9
+    epochs: int = 1
+    max_steps: int = 0  # optimiser steps; 0 = as many as the epochs give
+    grad_clip: float = 100.0  # max gradient norm; 0 = off
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = True
+    log_every: int = 10  # optimiser steps between metric reports (MLflow, Ray Train)
+    val_every: int = 50  # optimiser steps between validations
+    ckpt_every: int = 50  # optimiser steps between checkpoints
+    mask_prob: float = 0.15  # pretraining (published)
+    replace_prob: float = 0.9
+    unfreeze: str = "published"  # fine-tuning: published | all | last_k:N
+    class_weights: bool = False  # fine-tuning: inverse-frequency class weights in the loss
+    patience: int = 5  # fine-tuning: validations without a better val macro F1 before stopping
+    val_fold: int = 1  # fine-tuning: fold for validation (early stopping, checkpoint choice)
+    test_fold: int = 0  # fine-tuning: fold reported as the test split; -1 = none
+    pretrain_val_fold: int = 0  # pretraining: held-out fold for masked-token validation
+    seed: int = 0
+    storage_path: str = "runs"  # Ray Train checkpoints: a directory or a pyarrow.fs URI
+    max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
+    data_timeout_s: float = 600.0  # fail, not hang, when no training batch arrives this long
 
 
 @dataclass
@@ -167,6 +200,8 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
                 return value
         elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        elif kind is float and isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         elif kind in (int, str) and isinstance(value, kind) and not isinstance(value, bool):
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
@@ -174,3 +209,11 @@ def _coerce(dotted: str, value: Any, hint: Any) -> Any:
 
 
 _UnionType = type(int | None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -87,13 +87,21 @@ def sharpen(model: ScBert, *, scale: float = 2.0) -> ScBert:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Any:
-    """A local Ray for the whole session: 2 CPUs as on this machine, no dashboard."""
+def _ray_shutdown_at_exit() -> Any:
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_shutdown_at_exit: None) -> Any:
+    """A local Ray (2 CPUs as on this machine, no dashboard), started once and kept; a test that
+    needs another cluster shuts it down, and the next test using this fixture starts it again."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 PBMC_PARAMS: dict[str, Any] = {

@@ -47,6 +47,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (REPO_ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / name, root / name)
+    # the pipeline as it is, with training cut to a few steps (the suite's time budget)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"] |= {"max_steps": 6, "val_every": 3, "ckpt_every": 3, "log_every": 3}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "ci@example.org"], root)
     run(["git", "config", "user.name", "CI"], root)
@@ -59,12 +63,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_the_pipeline_on_the_real_dataset(project: Path) -> None:
     out = run([str(BIN / "dvc"), "repro"], project)
-    for stage in ("fetch", "ingest", "gene-embed"):
+    for stage in ("fetch", "ingest", "gene-embed", "pretrain", "finetune"):
         assert f"Running stage '{stage}'" in out
+    finetune = json.loads((project / "reports" / "finetune.json").read_text())
+    assert finetune["steps"] == 6 and 0 <= finetune["test/accuracy"] <= 1
     metrics = json.loads((project / "reports" / "ingest.json").read_text())
     assert metrics == {"cells_input": 700, "cells_kept": 693, "gene_coverage": 1.0, "n_shards": 1}
     vectors = (project / "data" / "gene2vec" / "pbmc68k.txt").read_text().splitlines()
-    assert len(vectors) == 765 and len(vectors[0].split()) == 201
+    dim = yaml.safe_load((project / "params.yaml").read_text())["model"]["dim"]
+    assert len(vectors) == 765 and len(vectors[0].split()) == 1 + dim
 
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again
@@ -78,6 +85,7 @@ def test_experiment_with_a_changed_parameter_reruns_from_ingest(project: Path) -
     out = run([str(BIN / "dvc"), "exp", "run", "-S", "data.min_genes=300"], project)
     assert "Running stage 'ingest'" in out
     assert "Running stage 'fetch'" not in out
+    assert "Running stage 'finetune'" in out
     metrics = json.loads((project / "reports" / "ingest.json").read_text())
     assert metrics["cells_input"] == 700
     assert metrics["cells_kept"] < 693
@@ -88,7 +96,7 @@ def test_experiment_with_a_changed_parameter_reruns_from_ingest(project: Path) -
 
 def test_push_then_pull_restores_the_data(project: Path) -> None:
     run([str(BIN / "dvc"), "repro"], project)
-    outputs = [project / "data" / "raw", project / "data" / "cells", project / "data" / "gene2vec"]
+    outputs = [project / "data" / name for name in ("raw", "cells", "gene2vec", "models")]
     before = {k: v for path in outputs for k, v in digest(path).items() if ".gitignore" not in k}
     run([str(BIN / "dvc"), "push"], project)
     assert any((project.parent / "remote").rglob("*"))

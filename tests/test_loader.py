@@ -132,26 +132,42 @@ def test_streaming_split_gives_each_worker_a_disjoint_part(
 
 
 def test_prefetching_reader_gives_the_same_batches_and_stops_cleanly(pbmc_shards: Path) -> None:
-    plain = list(iter_local_batches(pbmc_shards, 5, batch_size=100, prefetch=0))
-    ahead = list(iter_local_batches(pbmc_shards, 5, batch_size=100, prefetch=2))
+    plain = list(iter_local_batches(pbmc_shards, 5, batch_size=100, read_ahead=0))
+    ahead = list(iter_local_batches(pbmc_shards, 5, batch_size=100, read_ahead=2))
     assert len(plain) == len(ahead) > 2
     for a, b in zip(plain, ahead, strict=True):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    batches = iter_local_batches(pbmc_shards, 5, batch_size=10, prefetch=1)
+    batches = iter_local_batches(pbmc_shards, 5, batch_size=10, read_ahead=1)
     next(batches)
     batches.close()  # the consumer stops early: the reader thread must end too
-    assert not [t for t in threading.enumerate() if t.name == "shard-reader"]
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
 
 
 def test_reader_errors_reach_the_consumer() -> None:
-    from scbert_platform.loader import _prefetched
+    from scbert_platform.loader import prefetch
 
     def failing() -> Iterator[int]:
         yield 1
         raise OSError("disk gone")
 
-    items = _prefetched(failing(), 2)
+    items = prefetch(failing(), 2)
     assert next(items) == 1
     with pytest.raises(OSError, match="disk gone"):
+        next(items)
+
+
+def test_a_stalled_source_times_out_with_the_message() -> None:
+    import time
+
+    from scbert_platform.training import with_timeout
+
+    def stalled() -> Iterator[int]:
+        yield 1
+        time.sleep(5)
+        yield 2
+
+    items = with_timeout(stalled(), 0.3, "pipeline stalled: lower train.cpus_per_worker")
+    assert next(items) == 1
+    with pytest.raises(TimeoutError, match=r"lower train\.cpus_per_worker"):
         next(items)

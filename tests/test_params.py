@@ -33,6 +33,7 @@ def test_overrides_are_typed() -> None:
     assert params.model.nb_features is None
     assert params.data.target_sum == 5000.0 and isinstance(params.data.target_sum, float)
     assert Params().override(["data.label_key="]).data.label_key == ""
+    assert Params().override(["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads 1e-4 as text
 
 
 @pytest.mark.parametrize(
@@ -45,7 +46,7 @@ def test_overrides_are_typed() -> None:
         ("data.use_raw=1", "'data.use_raw' must be bool"),
         ("data.min_genes", "not of the form section.key=value"),
         ("min_genes=3", "not a section.key name"),
-        ("train.lr=1e-4", "unknown parameter 'train.lr'"),
+        ("train.lrate=1e-4", "unknown parameter 'train.lrate'.*lr"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:

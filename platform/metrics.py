@@ -1,0 +1,216 @@
+"""Evaluation metrics: cell-type annotation reports and masked-token accuracy for pretraining.
+
+Class ids index ``labels`` (the checkpoint's label vocabulary). A prediction of ``UNASSIGNED`` (-1)
+is the paper's ``Unassigned`` (highest class probability under the threshold): it is wrong for
+accuracy and is a false negative of the cell's true class, a false positive of none. The report is
+plain Python (JSON-ready for ``mlflow.log_dict``); scikit-learn does the arithmetic.
+
+Macro F1 averages over the classes present in this split (in ``y_true`` or predicted): a class
+absent from a fold would otherwise add an F1 of 0 for cells that do not exist. Per-class rows and
+the confusion matrix still cover every class of ``labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from sklearn import metrics as skm
+
+UNASSIGNED = -1  # predicted id of a cell left unassigned
+UNASSIGNED_NAME = "Unassigned"
+
+
+def _class_ids(
+    values: ArrayLike | torch.Tensor, name: str, n_classes: int, *, allow_unassigned: bool
+) -> np.ndarray:
+    ids = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(
+            f"{name} must be a 1-d array of integer class ids, got {ids.dtype} {ids.shape}"
+        )
+    low = UNASSIGNED if allow_unassigned else 0
+    bad = np.unique(ids[(ids < low) | (ids >= n_classes)])
+    if bad.size:
+        allowed = f"{low}..{n_classes - 1}" + (" (-1 = unassigned)" if allow_unassigned else "")
+        raise ValueError(f"{name} holds ids {bad[:10].tolist()} outside {allowed}")
+    return ids.astype(np.int64)
+
+
+def classification_report(
+    y_true: ArrayLike | torch.Tensor, y_pred: ArrayLike | torch.Tensor, labels: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro and weighted F1, per-class scores and the confusion matrix of one split.
+
+    ``y_true``: (n,) class ids in ``0..len(labels)-1``; ``y_pred``: (n,) the same, or -1 for
+    unassigned. Keys: ``n``, ``n_unassigned``, ``accuracy``, ``macro_f1``, ``weighted_f1``,
+    ``labels``, ``per_class`` (class name -> ``precision``, ``recall``, ``f1``, ``support``),
+    ``confusion_matrix`` (rows true, columns predicted, every class of ``labels``) and
+    ``unassigned_per_class`` (per true class; each row of the matrix plus it sums to the support).
+    """
+    labels = list(labels)
+    if not labels or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be non-empty and unique, got {labels[:20]}")
+    n_classes = len(labels)
+    true = _class_ids(y_true, "y_true", n_classes, allow_unassigned=False)
+    pred = _class_ids(y_pred, "y_pred", n_classes, allow_unassigned=True)
+    if true.shape != pred.shape:
+        raise ValueError(f"y_true has {true.size} cells but y_pred has {pred.size}")
+    if true.size == 0:
+        raise ValueError("no cells to evaluate (y_true is empty)")
+
+    all_ids = list(range(n_classes))
+    present = sorted(set(true.tolist()) | (set(pred.tolist()) - {UNASSIGNED}))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        true, pred, labels=all_ids, average=None, zero_division=0
+    )
+    scores = {"labels": present, "zero_division": 0}
+    return {
+        "n": int(true.size),
+        "n_unassigned": int((pred == UNASSIGNED).sum()),
+        "accuracy": float(skm.accuracy_score(true, pred)),
+        "macro_f1": float(skm.f1_score(true, pred, average="macro", **scores)),
+        "weighted_f1": float(skm.f1_score(true, pred, average="weighted", **scores)),
+        "labels": labels,
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },
+        "confusion_matrix": skm.confusion_matrix(true, pred, labels=all_ids).tolist(),
+        "unassigned_per_class": np.bincount(true[pred == UNASSIGNED], minlength=n_classes).tolist(),
+    }
+
+
+@torch.no_grad()
+def masked_token_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[float, int]:
+    """Share of masked positions whose most likely token is the original one, and their count.
+
+    ``logits``: (b, n, vocab); ``labels``: (b, n), ``ignore_index`` where the position was not
+    chosen for masking. With nothing counted the accuracy is 0.0, so that summing
+    ``accuracy * n_counted`` over batches and dividing by the summed counts stays right.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocab axis"
+        )
+    chosen = labels != ignore_index  # (b, n)
+    n_counted = int(chosen.sum().item())
+    if n_counted == 0:
+        return 0.0, 0
+    correct = (logits.argmax(dim=-1) == labels) & chosen
+    return int(correct.sum().item()) / n_counted, n_counted
+
+
+def confusion_matrix_png(
+    matrix: ArrayLike,
+    labels: Sequence[str],
+    path: str | Path,
+    *,
+    normalize: bool = True,
+    title: str = "Confusion matrix",
+    unassigned: Sequence[int] | None = None,
+) -> Path:
+    """Draw a (true x predicted) count matrix to a PNG at ``path``; returns the path.
+
+    ``normalize`` divides each row by its true-class total (rows of absent classes stay 0) and
+    annotates the shares, otherwise the counts. ``unassigned`` (per true class, e.g. the report's
+    ``unassigned_per_class``) adds an ``Unassigned`` column. Uses matplotlib's object API with
+    the Agg canvas, never pyplot: no window, and the caller's backend (a notebook's) is untouched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(labels)
+    values, columns = _plotted_values(matrix, labels, normalize=normalize, unassigned=unassigned)
+    side = min(3.0 + 0.45 * len(columns), 40.0)  # inches: about 0.45 in per class
+    cell_pt = 72.0 * (side - 3.0) / len(columns)  # 32 pt until the size cap (> 82 columns)
+    font = max(3.0, min(10.0, 0.3 * cell_pt))
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of true class" if normalize else "cells")
+    _annotate(ax, values, normalize=normalize, font=font)
+    rotate = max(len(name) for name in columns) > 3  # long names would overlap
+    ax.set_xticks(
+        range(len(columns)),
+        columns,
+        fontsize=font,
+        rotation=45 if rotate else 0,
+        ha="right" if rotate else "center",
+        rotation_mode="anchor",
+    )
+    ax.set_yticks(range(len(labels)), labels, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title} (row-normalised)" if normalize else title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _plotted_values(
+    matrix: ArrayLike,
+    labels: list[str],
+    *,
+    normalize: bool,
+    unassigned: Sequence[int] | None,
+) -> tuple[np.ndarray, list[str]]:
+    """(n_classes, n_columns) values to draw and the column names."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    n_classes = len(labels)
+    if n_classes == 0 or counts.shape != (n_classes, n_classes):
+        raise ValueError(
+            f"matrix is {counts.shape}, expected ({n_classes}, {n_classes}) for the labels"
+        )
+    columns = labels
+    if unassigned is not None:
+        if len(unassigned) != n_classes:
+            raise ValueError(f"unassigned has {len(unassigned)} counts, expected {n_classes}")
+        counts = np.column_stack([counts, np.asarray(unassigned, dtype=np.float64)])
+        columns = [*labels, UNASSIGNED_NAME]
+    if not normalize:
+        return counts, columns
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0), columns
+
+
+def _annotate(ax: Any, values: np.ndarray, *, normalize: bool, font: float) -> None:
+    """Write each non-zero cell's value; white on dark cells."""
+    top = values.max() if values.size and values.max() > 0 else 1.0
+    for (row, col), value in np.ndenumerate(values):
+        if value == 0:
+            continue
+        text = f"{value:.2f}" if normalize else f"{int(value)}"
+        color = "white" if value / top > 0.6 else "black"
+        ax.text(col, row, text, ha="center", va="center", fontsize=font * 0.7, color=color)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: one row per class, then the overall line."""
+    lines = ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, row in report["per_class"].items():
+        cell = str(name).replace("|", "\\|")
+        lines.append(
+            f"| {cell} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
+            f"| {row['support']:,} |"
+        )
+    lines.append("")
+    lines.append(
+        f"accuracy {report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, "
+        f"weighted F1 {report['weighted_f1']:.4f} over {report['n']:,} cells "
+        f"({report['n_unassigned']:,} unassigned)"
+    )
+    return "\n".join(lines) + "\n"

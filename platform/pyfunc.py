@@ -1,0 +1,138 @@
+"""The fine-tuned model as an MLflow pyfunc: raw counts in, cell types and probabilities out.
+
+Input: a pandas DataFrame of raw counts, one row per cell and one column per panel gene (the
+logged signature lists them; the model's ``panel.txt`` artifact too), or an AnnData with raw
+counts in ``.X`` and any genes (through ``unwrap_python_model().predict``: MLflow's schema
+checks take DataFrames only; panel genes missing from the AnnData count as 0).
+The counts go through the same functions as ``scbert ingest``: panel alignment,
+``normalize_total(1e4)``, ``log2(1 + x)``, then binning as at training time.
+Output: a DataFrame with ``cell_type`` (``Unassigned`` when the top probability is below the
+threshold, paper: 0.5), ``probability`` and one ``p_<class>`` column per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scbert_platform.ingest import align, normalise
+
+CHECKPOINT = "checkpoint"
+
+
+def counts_to_tokens(
+    counts: Any, genes: list[str], panel: list[str], *, n_bins: int, target_sum: float = 1e4
+) -> Any:
+    """Raw counts (cells x ``genes``) -> model tokens (cells, len(panel) + 1), as ingest does."""
+    import scipy.sparse as sp
+
+    from scbert import tokenize
+
+    matrix = sp.csr_matrix(counts, dtype=np.float64)
+    if matrix.nnz and (matrix.data < 0).any():
+        raise ValueError("counts must be >= 0")
+    index = {gene: i for i, gene in enumerate(panel)}
+    positions = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
+    if not (positions >= 0).any():
+        raise ValueError("none of the input genes is in the model's panel")
+    aligned = align(matrix, positions, len(panel))
+    empty = np.diff(aligned.indptr) == 0
+    values = normalise(aligned, target_sum) if aligned.nnz else aligned
+    tokens = tokenize(values, n_bins)
+    tokens[empty] = 0
+    return tokens
+
+
+class ScBertAnnotator:
+    """An mlflow.pyfunc.PythonModel (subclassed at log time: importing this needs no MLflow)."""
+
+    threshold = 0.5
+
+    def load_context(self, context: Any) -> None:
+        from scbert import load_pretrained
+
+        bundle = load_pretrained(context.artifacts[CHECKPOINT])
+        if bundle.labels is None:
+            raise ValueError("the pyfunc needs a fine-tuned checkpoint (with labels.json)")
+        self.model = bundle.model.eval()
+        self.panel = bundle.panel
+        self.labels = bundle.labels
+
+    # no type hints on the arguments: MLflow would try to derive a signature from them
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        import pandas as pd
+        import torch
+
+        if hasattr(model_input, "obs_names") and hasattr(model_input, "var_names"):  # AnnData
+            counts, genes, index = model_input.X, list(model_input.var_names), model_input.obs_names
+        else:
+            frame = pd.DataFrame(model_input)
+            counts, genes, index = (
+                frame.to_numpy(dtype=np.float64),
+                list(frame.columns),
+                frame.index,
+            )
+        threshold = float((params or {}).get("threshold", self.threshold))
+        tokens = counts_to_tokens(
+            counts, [str(g) for g in genes], self.panel, n_bins=self.model.config.n_bins
+        )
+        with torch.inference_mode():
+            proba = torch.cat(
+                [self.model.predict_proba(chunk) for chunk in tokens.split(256)]
+            ).numpy()
+        best = proba.argmax(axis=1)
+        top = proba[np.arange(len(best)), best]
+        out = pd.DataFrame(
+            {
+                "cell_type": [
+                    self.labels[i] if p >= threshold else "Unassigned"
+                    for i, p in zip(best, top, strict=True)
+                ],
+                "probability": top,
+            },
+            index=index,
+        )
+        for j, label in enumerate(self.labels):
+            out[f"p_{label}"] = proba[:, j]
+        return out
+
+
+def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator") -> str:
+    """Log the checkpoint as an MLflow pyfunc in the active run, with a signature inferred
+    from ``example`` (a small counts DataFrame) and the example itself. Returns the model URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    class _Model(ScBertAnnotator, mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+        pass
+
+    model = _Model()
+    model.load_context(type("Context", (), {"artifacts": {CHECKPOINT: str(checkpoint)}})())
+    output = model.predict(None, example)
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=model,
+        artifacts={CHECKPOINT: str(checkpoint)},
+        signature=infer_signature(example, output, params={"threshold": 0.5}),
+        input_example=example,
+        code_paths=None,
+    )
+    return str(info.model_uri)
+
+
+def example_counts(shards: str | Path, panel: list[str], n_cells: int = 2) -> Any:
+    """A small counts DataFrame (cells x panel genes) rebuilt from the first shard's cells:
+    counts = (2**value - 1) * n_counts / 1e4, the inverse of ingest's normalisation."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from scbert_platform.loader import shard_files
+
+    table = pq.read_table(shard_files(shards)[0]).slice(0, n_cells).to_pylist()
+    counts = np.zeros((len(table), len(panel)))
+    for row, cell in enumerate(table):
+        values = np.exp2(np.asarray(cell["value"], dtype=np.float64)) - 1
+        counts[row, cell["gene_idx"]] = np.round(values * cell["n_counts"] / 1e4)
+    return pd.DataFrame(counts, columns=panel, index=[c["cell_id"] for c in table])

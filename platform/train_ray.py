@@ -1,0 +1,513 @@
+"""Ray Train wiring for ``scbert pretrain`` and ``scbert finetune``: a ``TorchTrainer`` (DDP) fed
+by Ray Data shards, checkpoints to ``train.storage_path``, recovery from worker failures, and
+MLflow tracking (rank 0 logs per-step metrics; the driver logs the run's context and results).
+
+The loop itself is ``scbert_platform.training.run_loop``; this module only connects it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scbert import ScBert, load_pretrained, load_published, save_pretrained
+from scbert_platform.ingest import MANIFEST, read_manifest
+from scbert_platform.loader import ShardInfo, cell_dataset, iter_local_batches
+from scbert_platform.params import Params
+from scbert_platform.training import (
+    LoopHooks,
+    LoopState,
+    build_optimizer,
+    class_weights,
+    evaluate_classifier,
+    evaluate_pretraining,
+    finetune_loss,
+    model_config,
+    pretrain_loss,
+    restore_training_state,
+    run_loop,
+    set_trainable,
+    steps_per_epoch,
+    training_state,
+    with_timeout,
+)
+
+MODEL_DIR = "model"  # in a Ray Train checkpoint: our checkpoint directory
+STATE_FILE = "train_state.pt"  # optimiser, schedule, loop position, RNG
+MLFLOW_RUN_FILE = "mlflow_run_id"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str
+    checkpoint: str  # our checkpoint directory of the final (fine-tuning: best) model
+    metrics: dict[str, float]
+    steps: int
+    model_uri: str | None = None  # the MLflow pyfunc of a fine-tuned model
+
+
+def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
+    params = Params.from_dict(config["params"])
+    gene2vec = None
+    if params.model.gene_embedding == "gene2vec":
+        from scbert import load_gene2vec_text
+
+        gene2vec = load_gene2vec_text(params.model.gene2vec, info.panel)
+    n_classes = len(info.labels) if config["task"] == "finetune" else None
+    source = config.get("init_from")
+    if config["task"] == "finetune" and source:
+        path = Path(source)
+        model = load_pretrained(path).model if path.is_dir() else load_published(path)
+        if model.config.n_genes != info.n_genes:
+            raise TrainingError(
+                f"{source} has a panel of {model.config.n_genes} genes, the data "
+                f"{info.n_genes}: ingest with that model's panel (--panel)"
+            )
+        model.encoder.activation_checkpointing = params.train.activation_checkpointing
+        return model.with_cell_type_head(len(info.labels))
+    cfg = model_config(
+        params.model,
+        n_genes=info.n_genes,
+        n_classes=n_classes,
+        gene2vec=gene2vec is not None,
+        checkpointing=params.train.activation_checkpointing,
+    )
+    return ScBert(config=cfg, gene2vec=gene2vec)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    params = Params.from_dict(config["params"])
+    train = params.train
+    task = config["task"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
+    info = ShardInfo.read(config["shards"])
+    model = _initial_model(config, info)
+    if task == "finetune":
+        set_trainable(model, "all" if config.get("from_scratch") else train.unfreeze)
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, train)
+    generator = torch.Generator(device=device).manual_seed(train.seed * 1009 + rank)
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            restored = load_pretrained(Path(directory) / MODEL_DIR).model
+            model.load_state_dict(restored.state_dict())
+            saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+            state = restore_training_state(saved, optimizer, scheduler, generator)
+        if rank == 0:
+            print(f"resumed from step {state.step} (epoch {state.epoch})", file=sys.stderr)
+        if "pid_dir" in config:
+            Path(config["pid_dir"], f"rank{rank}.resumed").write_text(str(state.step))
+    wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
+    no_sync = getattr(wrapped, "no_sync", None)
+
+    mlflow = _mlflow_client(config) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    n_bins = params.model.n_bins
+    best: dict[str, torch.Tensor] = {}
+
+    def epochs(epoch: int) -> Any:
+        batches = shard.iter_torch_batches(
+            batch_size=train.batch_size,
+            local_shuffle_buffer_size=params.data.shuffle_buffer or None,
+            local_shuffle_seed=train.seed + epoch,
+        )
+        return with_timeout(
+            batches,
+            train.data_timeout_s,
+            f"no training batch arrived for {train.data_timeout_s:g} s: the Ray Data pipeline is "
+            "stalled, usually because the training workers hold every CPU Ray Data could use "
+            "(lower train.cpus_per_worker, or give the cluster more CPUs)",
+        )
+
+    def validation_batches() -> Any:
+        fold = train.val_fold if task == "finetune" else train.pretrain_val_fold
+        return iter_local_batches(config["shards"], n_bins, folds=[fold], batch_size=64)
+
+    def validate() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if rank == 0:
+            if task == "finetune":
+                metrics, _ = evaluate_classifier(
+                    model,
+                    validation_batches(),
+                    info.labels,
+                    device=device,
+                    precision=train.precision,
+                )
+            else:
+                metrics = evaluate_pretraining(
+                    model,
+                    validation_batches(),
+                    n_bins=n_bins,
+                    seed=train.seed,
+                    device=device,
+                    precision=train.precision,
+                )
+        if world > 1:  # every rank takes the same early-stopping decision
+            shared = [metrics]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+        return metrics
+
+    def keep_best() -> None:
+        best.clear()
+        best.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+
+    def report(metrics: dict[str, float], due: bool) -> None:
+        if mlflow is not None:
+            client, run_id = mlflow
+            stamp = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), stamp, state.step) for k, v in metrics.items()],
+            )
+        if not due:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if rank == 0:
+                finished = state.step >= config["total_steps"] or state.stopped_early
+                weights = best if (finished and best) else None
+                _write_checkpoint(
+                    Path(tmp),
+                    model,
+                    weights,
+                    info,
+                    task,
+                    training_state(optimizer, scheduler, state, generator),
+                )
+                saved = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=saved)
+
+    if task == "finetune":
+        weight = None
+        if train.class_weights:
+            counts = read_manifest(config["shards"])["labels"]["counts"]
+            weight = class_weights(counts, info.labels).to(device)
+
+        def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
+            return finetune_loss(m, batch, class_weight=weight, device=device)
+
+    else:
+
+        def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
+            return pretrain_loss(
+                m, batch, n_bins=n_bins, generator=generator, params=train, device=device
+            )
+
+    if "pid_dir" in config:  # fault and cluster tests find the worker processes here
+        import os
+
+        node = ray.get_runtime_context().get_node_id()
+        Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {node}")
+    hooks = LoopHooks(report=report, validate=validate, no_sync=no_sync, is_chief=rank == 0)
+    run_loop(
+        wrapped,
+        optimizer,
+        scheduler,
+        loss_fn,
+        epochs,
+        params=train,
+        total_steps=config["total_steps"],
+        state=state,
+        hooks=hooks,
+        device=device,
+        early_stop_metric="val/macro_f1" if task == "finetune" else None,
+        on_best=keep_best if task == "finetune" else None,
+    )
+
+
+def _write_checkpoint(
+    directory: Path,
+    model: ScBert,
+    weights: dict[str, torch.Tensor] | None,
+    info: ShardInfo,
+    task: str,
+    state: dict[str, Any],
+) -> None:
+    if weights is not None:
+        current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(weights)
+    labels = info.labels if task == "finetune" else None
+    save_pretrained(model, directory / MODEL_DIR, panel=info.panel, labels=labels)
+    if weights is not None:
+        model.load_state_dict(current)
+    torch.save(state, directory / STATE_FILE)
+
+
+def _mlflow_client(config: dict[str, Any]) -> tuple[Any, str] | None:
+    if not config.get("mlflow_run_id"):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=config["tracking_uri"]), config["mlflow_run_id"]
+
+
+def check_resources(train: Any, cluster_cpus: float) -> None:
+    """Fail fast where workers would take every CPU and starve the Ray Data pipeline (which
+    otherwise hangs until Ray Data's no-progress timeout)."""
+    wanted = train.workers * train.cpus_per_worker
+    if train.workers < 1 or train.cpus_per_worker <= 0:
+        raise TrainingError("train.workers must be >= 1 and train.cpus_per_worker > 0")
+    if wanted > cluster_cpus - 0.5:
+        fit = max((cluster_cpus - 1) / train.workers, 0.25)
+        raise TrainingError(
+            f"{train.workers} workers x {train.cpus_per_worker} CPUs = {wanted:g} of the cluster's "
+            f"{cluster_cpus:g} CPUs leaves under 0.5 CPU for Ray Data, which would stall: set "
+            f"train.cpus_per_worker={fit:g} (fractional is fine) or fewer train.workers"
+        )
+
+
+def check_params(params: Params, n_folds: int) -> None:
+    """Settings that would otherwise fail inside the workers, checked before anything starts."""
+    train, model = params.train, params.model
+    problems = []
+    if model.gene_embedding not in ("gene2vec", "learned"):
+        problems.append(
+            f"model.gene_embedding must be gene2vec or learned: {model.gene_embedding!r}"
+        )
+    elif model.gene_embedding == "gene2vec" and not model.gene2vec:
+        problems.append(
+            "model.gene_embedding=gene2vec needs model.gene2vec (a Gene2vec text file for the "
+            "panel; `scbert gene-embed` learns one from the shards), or set "
+            "model.gene_embedding=learned"
+        )
+    elif model.gene2vec and not Path(model.gene2vec).is_file():
+        problems.append(f"model.gene2vec: {model.gene2vec} does not exist")
+    if train.unfreeze not in ("published", "all") and not (
+        train.unfreeze.startswith("last_k:") and train.unfreeze[7:].isdigit()
+    ):
+        problems.append(
+            f"train.unfreeze must be published, all or last_k:N, not {train.unfreeze!r}"
+        )
+    if train.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"train.precision must be auto, fp32 or bf16, not {train.precision!r}")
+    if train.schedule not in ("cosine_restarts", "constant", "linear_warmup"):
+        problems.append("train.schedule must be cosine_restarts, constant or linear_warmup")
+    if train.batch_size < 1 or train.grad_accum < 1:
+        problems.append("train.batch_size and train.grad_accum must be >= 1")
+    for name in ("val_fold", "pretrain_val_fold"):
+        if not 0 <= getattr(train, name) < n_folds:
+            problems.append(f"train.{name} must be a fold 0..{n_folds - 1}")
+    if not -1 <= train.test_fold < n_folds or train.test_fold == train.val_fold:
+        problems.append("train.test_fold must be -1 or a fold other than train.val_fold")
+    if train.use_gpu and not torch.cuda.is_available():
+        problems.append("train.use_gpu=true, but this machine has no CUDA GPU")
+    if problems:
+        raise TrainingError("; ".join(problems))
+
+
+def fit(
+    task: str,
+    shards: str | Path,
+    params: Params,
+    *,
+    init_from: str | None = None,
+    from_scratch: bool = False,
+    run_name: str | None = None,
+    resume: bool = False,
+    experiment: str | None = None,
+    worker_resources: dict[str, float] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train on Ray (a local Ray is started if none is running) and track the run in MLflow.
+
+    ``run_name`` names the Ray Train run under ``train.storage_path`` (default: task and time);
+    ``resume=True`` continues that run from its latest checkpoint (``scbert pretrain --resume
+    RUN``), and an existing run is not started again without it.
+    ``worker_resources`` adds Ray resources per worker (e.g. a custom resource that each node
+    has once, to place one worker per node).
+    """
+    import mlflow
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from scbert_platform import tracking
+
+    if task not in ("pretrain", "finetune"):
+        raise ValueError(f"task must be pretrain or finetune, got {task!r}")
+    shards = Path(shards).resolve()
+    info = ShardInfo.read(shards)
+    manifest = read_manifest(shards)
+    train = params.train
+    check_params(params, int(manifest["folds"]["n_folds"]))
+    if params.model.gene2vec:
+        params.model.gene2vec = str(Path(params.model.gene2vec).resolve())  # workers' cwd differs
+    if task == "finetune" and len(info.labels) < 2:
+        raise TrainingError(f"{shards} has no cell-type labels: ingest with --label-key")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    check_resources(train, float(ray.cluster_resources().get("CPU", 0)))
+
+    held_out = [train.val_fold] if task == "finetune" else [train.pretrain_val_fold]
+    if task == "finetune" and train.test_fold >= 0:
+        held_out.append(train.test_fold)
+    folds = manifest["folds"]["counts"]
+    n_train = sum(n for fold, n in folds.items() if int(fold) not in held_out)
+    per_epoch = steps_per_epoch(n_train, train)
+    total_steps = train.max_steps or per_epoch * train.epochs
+    run_name = run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(train.storage_path).resolve() if "://" not in train.storage_path else None
+    storage_path = str(storage) if storage else train.storage_path
+
+    run_dir = (storage / run_name) if storage else None
+    if run_dir is not None:
+        exists = any(run_dir.glob("checkpoint_*"))
+        if exists and not resume:
+            raise TrainingError(
+                f"run {run_name} already exists in {storage}: continue it with --resume "
+                f"{run_name}, or choose another --run-name"
+            )
+        if resume and not exists:
+            raise TrainingError(f"no run {run_name} with a checkpoint in {storage} to resume")
+    experiment_id = tracking.experiment_id(experiment or f"scbert-{task}")
+    previous = run_dir / MLFLOW_RUN_FILE if run_dir else None
+    run_id = previous.read_text().strip() if previous and previous.is_file() else None
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name,
+    ) as run:
+        if run_dir:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / MLFLOW_RUN_FILE).write_text(run.info.run_id)
+        if run_id is None:
+            mlflow.log_params({k: v for k, v in params.flatten().items() if v is not None})
+            mlflow.log_params(
+                {
+                    "task": task,
+                    "init_from": init_from or "",
+                    "from_scratch": from_scratch,
+                    "total_steps": total_steps,
+                    "shards": str(shards),
+                }
+            )
+            mlflow.set_tags(tracking.source_tags(manifest) | {"scbert.task": task})
+            mlflow.log_dict(params.to_dict(), "params.yaml")
+            mlflow.log_dict(tracking.system_info(), "system.json")
+            mlflow.log_artifact(str(shards / MANIFEST), "data")
+        config = {
+            "params": params.to_dict(),
+            "task": task,
+            "shards": str(shards),
+            "init_from": str(Path(init_from).resolve()) if init_from else None,
+            "from_scratch": from_scratch,
+            "total_steps": total_steps,
+            "mlflow_run_id": run.info.run_id,
+            "tracking_uri": tracking.tracking_uri(),
+            **(extra_config or {}),
+        }
+        print(
+            f"{task}: {n_train} training cells, {per_epoch} optimiser steps per epoch, "
+            f"{total_steps} steps on {train.workers} worker(s); run {run_name}, MLflow run "
+            f"{run.info.run_id}",
+            file=sys.stderr,
+        )
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=train.workers,
+                use_gpu=train.use_gpu,
+                resources_per_worker={"CPU": train.cpus_per_worker, **(worker_resources or {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": cell_dataset(shards, params.model.n_bins, exclude_folds=held_out)},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise TrainingError(f"run {run_name} ended without a checkpoint: {result.error}")
+        # the final model beside the run's checkpoints (a local temporary copy for remote storage)
+        final = run_dir if run_dir else Path(tempfile.mkdtemp(prefix="scbert-final-"))
+        with result.checkpoint.as_directory() as directory:
+            import shutil
+
+            shutil.rmtree(final / MODEL_DIR, ignore_errors=True)
+            shutil.copytree(Path(directory) / MODEL_DIR, final / MODEL_DIR)
+            saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+        metrics = dict(result.metrics or {})
+        if task == "finetune" and train.test_fold >= 0:
+            metrics |= _log_test_evaluation(final / MODEL_DIR, shards, train.test_fold, params)
+        mlflow.log_artifacts(str(final / MODEL_DIR), "model")
+        model_uri = None
+        if task == "finetune":
+            from scbert_platform.pyfunc import example_counts, log_pyfunc
+
+            model_uri = log_pyfunc(final / MODEL_DIR, example_counts(shards, info.panel))
+        mlflow.log_metric("steps", saved["loop"]["step"])
+        return TrainResult(
+            run_name,
+            run.info.run_id,
+            str(final / MODEL_DIR),
+            metrics,
+            saved["loop"]["step"],
+            model_uri,
+        )
+
+
+def _log_test_evaluation(
+    model_dir: Path, shards: Path, fold: int, params: Params
+) -> dict[str, float]:
+    """Evaluate the chosen checkpoint on the test fold (never the split that chose it)."""
+    import mlflow
+
+    from scbert_platform.metrics import confusion_matrix_png, report_markdown
+
+    bundle = load_pretrained(model_dir)
+    assert bundle.labels is not None
+    batches = iter_local_batches(shards, params.model.n_bins, folds=[fold], batch_size=64)
+    flat, report = evaluate_classifier(
+        bundle.model, batches, bundle.labels, device=torch.device("cpu"), prefix="test"
+    )
+    mlflow.log_metrics(flat)
+    for label, scores in report["per_class"].items():
+        mlflow.log_metric(f"test/f1/{_metric_name(label)}", scores["f1"])
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "confusion_matrix.png"
+        confusion_matrix_png(
+            report["confusion_matrix"], bundle.labels, png, title=f"test fold {fold}"
+        )
+        mlflow.log_artifact(str(png), "evaluation")
+    mlflow.log_text(report_markdown(report), "evaluation/test_report.md")
+    mlflow.log_dict(json.loads(json.dumps(report, default=float)), "evaluation/test_report.json")
+    print(report_markdown(report), file=sys.stderr)
+    return flat
+
+
+def _metric_name(label: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . / and spaces."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in label)

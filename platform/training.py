@@ -1,0 +1,414 @@
+"""The training loops: plain functions over any iterable of batches (no Ray here).
+
+``run_loop`` drives both objectives: micro-batches -> loss / ``grad_accum`` -> backward (without
+DDP's all-reduce between accumulation steps, ``no_sync``) -> clip -> Adam -> schedule, stepped per
+optimiser step. It reports progress, validates every ``val_every`` steps and asks for a checkpoint
+every ``ckpt_every`` steps through callbacks, which ``scbert_platform.train_ray`` connects to Ray
+Train and MLflow and which tests connect to lists.
+
+- Pretraining (published objective): mask ``mask_prob`` of each cell's non-zero tokens
+  (``scbert.mask_tokens``), cross-entropy on the chosen positions; validation: masked-token
+  accuracy and loss on a held-out fold with a fixed masking seed.
+- Fine-tuning: the cell-type head, cross-entropy (optionally class-weighted), the published
+  freezing by default; validation: accuracy and macro F1, early stopping on val macro F1, and the
+  best validation step's weights are the result (the test split is evaluated by the caller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scbert import IGNORE_INDEX, ScBert, ScBertConfig, mask_tokens
+from scbert_platform.params import ModelParams, TrainParams
+from scbert_platform.schedule import make_scheduler
+
+Batch = dict[str, Any]
+
+
+def model_config(
+    model: ModelParams, *, n_genes: int, n_classes: int | None, gene2vec: bool, checkpointing: bool
+) -> ScBertConfig:
+    """ScBertConfig from the ``model`` params section and the data's panel size."""
+    extra = {} if model.nb_features is None else {"nb_features": model.nb_features}
+    return ScBertConfig(
+        n_genes=n_genes,
+        n_bins=model.n_bins,
+        dim=model.dim,
+        depth=model.depth,
+        heads=model.heads,
+        dim_head=model.dim_head,
+        n_classes=n_classes,
+        gene_embedding="gene2vec" if gene2vec else "learned",
+        activation_checkpointing=checkpointing,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def set_trainable(model: ScBert, unfreeze: str) -> list[str]:
+    """Fine-tuning freeze. ``published``: only the final norm, the last encoder block and the head
+    train (the paper's text; the published script's ``layers[-2]`` is the second-to-last block,
+    docs/model.md). ``all``: everything. ``last_k:N``: the last N blocks, norm and head.
+    Returns the names of the trainable parameters."""
+    n_blocks = len(model.encoder.blocks)
+    if unfreeze == "all":
+        first_trained = 0
+    elif unfreeze == "published":
+        first_trained = n_blocks - 1
+    elif unfreeze.startswith("last_k:") and unfreeze[7:].isdigit():
+        first_trained = n_blocks - min(int(unfreeze[7:]), n_blocks)
+    else:
+        raise ValueError(f"train.unfreeze must be published, all or last_k:N, got {unfreeze!r}")
+    trained_prefixes = ["norm.", "head."]
+    trained_prefixes += [f"encoder.blocks.{i}." for i in range(first_trained, n_blocks)]
+    if unfreeze == "all":
+        trained_prefixes = [""]
+    names = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name.startswith(p) for p in trained_prefixes))
+        if parameter.requires_grad:
+            names.append(name)
+    return names
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on GPU by default (``auto``), or when asked for; fp32 otherwise."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def pretrain_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    n_bins: int,
+    generator: torch.Generator,
+    params: TrainParams,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked reconstruction: (loss, counts for logging)."""
+    tokens = torch.as_tensor(batch["tokens"]).to(device).long()
+    masked, labels = mask_tokens(
+        tokens,
+        n_bins=n_bins,
+        generator=generator,
+        mask_prob=params.mask_prob,
+        replace_prob=params.replace_prob,
+    )
+    logits = model(masked)  # (b, n, vocab)
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+    return loss, {"cells": tokens.shape[0]}
+
+
+def finetune_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    class_weight: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cell-type cross-entropy (cells without a known label are ignored)."""
+    tokens = torch.as_tensor(batch["tokens"]).to(device)
+    labels = torch.as_tensor(batch["label"]).to(device).long()
+    logits = model(tokens)
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=-1)
+    return loss, {"cells": tokens.shape[0]}
+
+
+@torch.no_grad()
+def evaluate_pretraining(
+    model: ScBert,
+    batches: Iterable[Batch],
+    *,
+    n_bins: int,
+    seed: int,
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
+    """Masked-token accuracy and loss with a fixed masking seed (comparable across steps)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total_loss, correct, counted = 0.0, 0, 0
+    for batch in batches:
+        tokens = torch.as_tensor(batch["tokens"]).to(device).long()
+        masked, labels = mask_tokens(tokens, n_bins=n_bins, generator=generator)
+        with autocast(device, precision):
+            logits = model(masked).float()
+        chosen = labels != IGNORE_INDEX
+        total_loss += float(F.cross_entropy(logits[chosen], labels[chosen], reduction="sum"))
+        correct += int((logits[chosen].argmax(-1) == labels[chosen]).sum())
+        counted += int(chosen.sum())
+    model.train(was_training)
+    if counted == 0:
+        return {}
+    return {"val/loss": total_loss / counted, "val/masked_acc": correct / counted}
+
+
+@torch.no_grad()
+def predict(
+    model: ScBert, batches: Iterable[Batch], *, device: torch.device, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true label ids, class probabilities (n, n_classes)) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    labels, probabilities = [], []
+    for batch in batches:
+        tokens = torch.as_tensor(batch["tokens"]).to(device)
+        with autocast(device, precision):
+            logits = model(tokens).float()
+        probabilities.append(logits.softmax(-1).cpu().numpy())
+        labels.append(np.asarray(batch["label"]))
+    model.train(was_training)
+    if not labels:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, model.config.n_classes or 0))
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def evaluate_classifier(
+    model: ScBert,
+    batches: Iterable[Batch],
+    labels: list[str],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    prefix: str = "val",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(flat metrics ``{prefix}/accuracy``, ``{prefix}/macro_f1``, full report)."""
+    from scbert_platform.metrics import classification_report
+
+    y_true, proba = predict(model, batches, device=device, precision=precision)
+    known = y_true >= 0
+    report = classification_report(y_true[known], proba[known].argmax(-1), labels)
+    flat = {f"{prefix}/accuracy": report["accuracy"], f"{prefix}/macro_f1": report["macro_f1"]}
+    return flat, report
+
+
+def class_weights(counts: dict[str, int], labels: list[str]) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present."""
+    freq = np.array([counts.get(label, 0) for label in labels], dtype=np.float64)
+    weights = np.where(freq > 0, 1.0 / np.maximum(freq, 1), 0.0)
+    weights *= (freq > 0).sum() / weights.sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+@dataclass
+class LoopState:
+    """Where training is: saved in every checkpoint and restored on resume."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches consumed in ``epoch``
+    cells: int = 0  # cells trained on, this worker
+    best_metric: float = -math.inf
+    best_step: int = -1
+    evals_since_best: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to. ``report(metrics, checkpoint)`` gets the metrics every
+    ``log_every`` steps and at validations and checkpoints (rank 0's are logged);
+    ``checkpoint`` is True when a checkpoint is due. Every rank calls it at the same steps, as
+    Ray Train's report is a barrier. ``validate()`` returns the same metrics on every rank."""
+
+    report: Callable[[dict[str, float], bool], None]
+    validate: Callable[[], dict[str, float]] | None = None
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    is_chief: bool = True
+    log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
+
+
+def run_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
+    epochs: Callable[[int], Iterable[Batch]],
+    *,
+    params: TrainParams,
+    total_steps: int,
+    state: LoopState,
+    hooks: LoopHooks,
+    device: torch.device,
+    early_stop_metric: str | None = None,
+    on_best: Callable[[], None] | None = None,
+) -> LoopState:
+    """Train until ``total_steps`` optimiser steps (or early stopping); returns the state.
+
+    ``epochs(e)`` yields epoch ``e``'s micro-batches; on resume the first ``state.batches_done``
+    of ``state.epoch`` are skipped. ``early_stop_metric``: the validation metric to maximise;
+    ``on_best`` is called when it improves (to keep the best weights).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    started, cells_at_start, window = time.perf_counter(), state.cells, time.perf_counter()
+    losses: list[float] = []
+    micro = 0  # micro-batches since the last optimiser step; accumulation spans epoch ends
+    while state.step < total_steps and not state.stopped_early:
+        seen = 0
+        for index, batch in enumerate(epochs(state.epoch)):
+            seen += 1
+            if index < state.batches_done:
+                continue
+            sync = (micro + 1) % params.grad_accum == 0
+            # between accumulation steps DDP must not all-reduce: forward and backward in no_sync
+            guard = hooks.no_sync() if (hooks.no_sync and not sync) else contextlib.nullcontext()
+            with guard:
+                with autocast(device, params.precision):
+                    loss, info = loss_fn(model, batch)
+                (loss / params.grad_accum).backward()
+            micro += 1
+            state.batches_done = index + 1
+            state.cells += int(info["cells"])
+            losses.append(float(loss.detach()))
+            if not sync:
+                continue
+            if params.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            now = time.perf_counter()
+            metrics = {
+                "train/loss": float(np.mean(losses)),
+                "train/lr": float(scheduler.get_last_lr()[0]),
+                "train/cells_per_s": (state.cells - cells_at_start) / max(now - started, 1e-9),
+                "train/epoch": float(state.epoch),
+            }
+            losses.clear()
+            if hooks.validate and params.val_every and state.step % params.val_every == 0:
+                metrics |= hooks.validate()
+                _track_best(state, metrics, early_stop_metric, params.patience, on_best)
+            due = bool(params.ckpt_every and state.step % params.ckpt_every == 0)
+            finished = state.step >= total_steps or state.stopped_early
+            state.history.append({"step": float(state.step), **metrics})
+            validated = any(k.startswith("val/") for k in metrics)
+            if due or finished or validated or state.step % max(params.log_every, 1) == 0:
+                hooks.report(metrics, due or finished)
+            if hooks.is_chief and (now - window > 10 or finished or state.step == 1):
+                window = now
+                eta = (total_steps - state.step) * (now - started) / max(state.step, 1)
+                hooks.log(
+                    f"step {state.step}/{total_steps} epoch {state.epoch} "
+                    f"loss {metrics['train/loss']:.4f} {metrics['train/cells_per_s']:.1f} cells/s "
+                    f"ETA {eta / 60:.1f} min"
+                    + "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+                )
+            if finished:
+                break
+        else:
+            if seen == 0:
+                raise RuntimeError(
+                    f"epoch {state.epoch} gave no batches: the training split is empty"
+                )
+            state.epoch += 1
+            state.batches_done = 0
+            continue
+        break
+    return state
+
+
+def _track_best(
+    state: LoopState,
+    metrics: dict[str, float],
+    metric: str | None,
+    patience: int,
+    on_best: Callable[[], None] | None,
+) -> None:
+    if metric is None or metric not in metrics:
+        return
+    if metrics[metric] > state.best_metric:
+        state.best_metric, state.best_step, state.evals_since_best = metrics[metric], state.step, 0
+        if on_best:
+            on_best()
+    else:
+        state.evals_since_best += 1
+        if patience and state.evals_since_best >= patience:
+            state.stopped_early = True
+
+
+def steps_per_epoch(n_cells: int, params: TrainParams) -> int:
+    """Optimiser steps in one epoch of ``n_cells`` split over the workers."""
+    per_worker = n_cells // max(params.workers, 1)
+    micro = math.ceil(per_worker / params.batch_size)
+    return max(micro // params.grad_accum, 1)
+
+
+def build_optimizer(
+    model: torch.nn.Module, params: TrainParams
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam over the trainable parameters and the per-step learning-rate schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=params.lr)
+    scheduler = make_scheduler(
+        optimizer,
+        kind=params.schedule,
+        min_lr=params.min_lr,
+        first_cycle_steps=params.first_cycle_steps,
+        cycle_mult=params.cycle_mult,
+        warmup_steps=params.warmup_steps,
+        gamma=params.gamma,
+    )
+    return optimizer, scheduler
+
+
+def training_state(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LoopState,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Everything but the model weights that a resumed run needs."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loop": asdict(state),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def restore_training_state(
+    saved: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> LoopState:
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return LoopState(**saved["loop"])
+
+
+def take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:
+    """The first ``n`` batches (0 = all)."""
+    for i, batch in enumerate(batches):
+        if n and i >= n:
+            return
+        yield batch
+
+
+def with_timeout(batches: Iterable[Batch], seconds: float, message: str) -> Iterator[Batch]:
+    """``batches`` read ahead by a helper thread; ``TimeoutError(message)`` when the next one
+    takes longer than ``seconds`` (a stalled input pipeline fails instead of hanging the run)."""
+    from scbert_platform.loader import prefetch
+
+    return prefetch(iter(batches), 2, timeout_s=seconds, timeout_message=message)

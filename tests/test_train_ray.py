@@ -1,0 +1,264 @@
+"""Ray Train for real: DDP workers on shards of the real dataset, MLflow tracking, checkpoints,
+recovery from a killed worker, and a 2-node local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scbert import load_pretrained
+from scbert_platform.ingest import read_manifest
+from scbert_platform.params import ModelParams, Params, TrainParams
+from scbert_platform.train_ray import TrainingError, check_resources, fit
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_params(storage: Path, **train: Any) -> Params:
+    params = Params()
+    params.model = ModelParams(
+        dim=16, depth=1, heads=2, dim_head=8, nb_features=16, gene_embedding="learned"
+    )
+    params.data.shuffle_buffer = 128
+    defaults: dict[str, Any] = {
+        "batch_size": 16,
+        "grad_accum": 1,
+        "max_steps": 8,
+        "ckpt_every": 4,
+        "val_every": 4,
+        "log_every": 2,
+        "lr": 1e-3,
+        "schedule": "constant",
+        "storage_path": str(storage),
+        "cpus_per_worker": 0.5,
+    }
+    params.train = TrainParams(**(defaults | train))
+    return params
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MLflow's embedded defaults (mlruns.db, mlartifacts/) land in a fresh directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def mlflow_run(workdir: Path, run_id: str) -> tuple[Any, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+    return client, client.get_run(run_id)
+
+
+def test_finetune_on_two_workers_is_tracked_in_mlflow(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=2)
+    result = fit("finetune", pbmc_shards, params, run_name="ft")
+    assert result.steps == 8
+    assert {"val/macro_f1", "test/accuracy", "test/macro_f1"} <= set(result.metrics)
+
+    client, run = mlflow_run(workdir, result.mlflow_run_id)
+    assert run.data.params["train.workers"] == "2"
+    assert run.data.params["train.lr"] == "0.001"
+    manifest = read_manifest(pbmc_shards)
+    assert run.data.tags["scbert.panel_sha256"] == manifest["panel"]["sha256"]
+    assert run.data.tags["scbert.source_sha256"] == manifest["source"]["sha256"]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8]
+    assert len(client.get_metric_history(run.info.run_id, "val/macro_f1")) == 2
+    assert "test/f1/Dendritic" in run.data.metrics
+    artifacts = set()
+    for folder in ("", "model", "evaluation", "data"):
+        artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder or None)}
+    assert {"params.yaml", "system.json", "model/config.json", "model/labels.json"} <= artifacts
+    assert {"evaluation/confusion_matrix.png", "evaluation/test_report.md"} <= artifacts
+    assert "data/manifest.json" in artifacts
+    assert (workdir / "mlartifacts").is_dir() and not (workdir / "mlruns").exists()
+
+    bundle = load_pretrained(result.checkpoint)
+    assert bundle.labels == sorted(manifest["labels"]["counts"])
+    assert bundle.model.config.n_classes == 10
+
+    # the pyfunc: raw counts in, cell types out, the same as the checkpoint's own prediction
+    import mlflow
+
+    from scbert_platform.pyfunc import counts_to_tokens, example_counts
+
+    assert result.model_uri is not None
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    example = example_counts(pbmc_shards, bundle.panel, n_cells=3)
+    out = pyfunc.predict(example)
+    assert list(out.index) == list(example.index)
+    assert set(out["cell_type"]) <= {*bundle.labels, "Unassigned"}
+    tokens = counts_to_tokens(example.to_numpy(), list(example.columns), bundle.panel, n_bins=5)
+    expected = bundle.model.eval().predict_proba(tokens).detach().numpy()
+    columns = [f"p_{label}" for label in bundle.labels]
+    assert abs(out[columns].to_numpy() - expected).max() < 1e-5
+    strict = pyfunc.predict(example, params={"threshold": 1.0})
+    assert (strict["cell_type"] == "Unassigned").all()
+
+
+def test_pretrain_then_finetune_from_its_checkpoint(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4)
+    pretrained = fit("pretrain", pbmc_shards, params, run_name="pt")
+    assert pretrained.steps == 4
+    assert 0 <= pretrained.metrics["val/masked_acc"] <= 1
+    assert load_pretrained(pretrained.checkpoint).model.config.n_classes is None
+
+    finetuned = fit(
+        "finetune", pbmc_shards, params, init_from=pretrained.checkpoint, run_name="ft2"
+    )
+    assert finetuned.steps == 4
+    before = load_pretrained(pretrained.checkpoint).model.state_dict()
+    after = load_pretrained(finetuned.checkpoint).model.state_dict()
+    # the published freeze: the embedding is not trained, the (single) last block is
+    assert (before["token_emb.weight"] == after["token_emb.weight"]).all()
+    assert not (
+        before["encoder.blocks.0.ff.w1.weight"] == after["encoder.blocks.0.ff.w1.weight"]
+    ).all()
+
+
+def test_workers_that_would_starve_ray_data_are_refused() -> None:
+    with pytest.raises(TrainingError, match=r"cpus_per_worker=0\.5"):
+        check_resources(TrainParams(workers=2, cpus_per_worker=1.0), cluster_cpus=2)
+    check_resources(TrainParams(workers=2, cpus_per_worker=0.5), cluster_cpus=2)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_training_resumes(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=2, max_steps=24, ckpt_every=4, log_every=1)
+    pids = workdir / "pids"
+    pids.mkdir()
+    killed: list[int] = []
+
+    def registered_checkpoints() -> int:
+        """Checkpoints Ray Train has registered (a checkpoint_* folder appears earlier, while it
+        is still being written; a kill then restarts from scratch, as it should)."""
+        snapshot = workdir / "runs" / "kill" / "checkpoint_manager_snapshot.json"
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def kill_rank1_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pid_file = pids / "rank1.pid"
+            if registered_checkpoints() and pid_file.is_file():
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = fit(
+        "finetune", pbmc_shards, params, run_name="kill", extra_config={"pid_dir": str(pids)}
+    )
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    resumed = [int(p.read_text()) for p in pids.glob("rank*.resumed")]
+    assert resumed and min(resumed) >= 4 and min(resumed) % 4 == 0  # from a checkpoint
+    assert result.steps == 24
+    client, run = mlflow_run(workdir, result.mlflow_run_id)
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert steps == set(range(1, 25))  # nothing lost beyond the last checkpoint
+
+
+@pytest.mark.slow
+def test_two_node_cluster_one_worker_per_node(pbmc_shards: Path, workdir: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    # 2 logical CPUs per node (4 on this 2-core machine): a worker takes 0.5 of a node, and
+    # Ray Data's tasks and the train controller need a whole CPU somewhere
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "resources": {"node_slot": 1}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=2, resources={"node_slot": 1})
+    try:
+        ray.init(address=cluster.address)
+        pids = workdir / "pids"
+        pids.mkdir()
+        params = tiny_params(workdir / "runs", workers=2, cpus_per_worker=0.5, max_steps=4)
+        result = fit(
+            "pretrain",
+            pbmc_shards,
+            params,
+            run_name="two-nodes",
+            worker_resources={"node_slot": 1},
+            extra_config={"pid_dir": str(pids)},
+        )
+        assert result.steps == 4
+        nodes = {p.read_text().split()[1] for p in pids.glob("rank*.pid")}
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_cli_reports_bad_training_setup(pbmc_shards: Path, workdir: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scbert_platform.cli",
+            "finetune",
+            str(pbmc_shards),
+            "--params",
+            "none.yaml",
+            "--set",
+            "train.unfreeze=half",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "scbert finetune: error:" in result.stderr and "train.unfreeze" in result.stderr
+
+
+def test_a_stopped_run_is_resumed_by_name(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4)
+    first = fit("pretrain", pbmc_shards, params, run_name="long")
+    assert first.steps == 4
+    with pytest.raises(TrainingError, match="--resume long"):
+        fit("pretrain", pbmc_shards, params, run_name="long")
+    with pytest.raises(TrainingError, match="no run other"):
+        fit("pretrain", pbmc_shards, params, run_name="other", resume=True)
+
+    pids = workdir / "pids"
+    pids.mkdir()
+    params.train.max_steps = 8  # a longer budget for the same run
+    second = fit(
+        "pretrain",
+        pbmc_shards,
+        params,
+        run_name="long",
+        resume=True,
+        extra_config={"pid_dir": str(pids)},
+    )
+    assert second.steps == 8
+    assert (pids / "rank0.resumed").read_text() == "4"
+    assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
