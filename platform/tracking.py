@@ -60,10 +60,16 @@ def system_info() -> dict[str, Any]:
     return info
 
 
-def source_tags(manifest: dict[str, Any]) -> dict[str, str]:
-    """Tags tying a run to its code and data: git commit, dataset manifest, panel."""
+def source_tags(manifest_path: Path) -> dict[str, str]:
+    """Tags tying a run to its code and data: git commit, the dataset manifest's sha256 (the
+    file DVC versions with the shards), the source file's and the panel's sha256."""
+    import hashlib
+    import json
+
+    manifest = json.loads(manifest_path.read_text())
     tags = {
         "scbert.dataset": str(manifest.get("dataset")),
+        "scbert.manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
         "scbert.source_sha256": str(manifest["source"]["sha256"]),
         "scbert.panel_sha256": str(manifest["panel"]["sha256"]),
     }

@@ -411,7 +411,7 @@ def fit(
                     "shards": str(shards),
                 }
             )
-            mlflow.set_tags(tracking.source_tags(manifest) | {"scbert.task": task})
+            mlflow.set_tags(tracking.source_tags(shards / MANIFEST) | {"scbert.task": task})
             mlflow.log_dict(params.to_dict(), "params.yaml")
             mlflow.log_dict(tracking.system_info(), "system.json")
             mlflow.log_artifact(str(shards / MANIFEST), "data")

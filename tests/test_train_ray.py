@@ -3,6 +3,7 @@ recovery from a killed worker, and a 2-node local cluster."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -72,6 +73,8 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     manifest = read_manifest(pbmc_shards)
     assert run.data.tags["scbert.panel_sha256"] == manifest["panel"]["sha256"]
     assert run.data.tags["scbert.source_sha256"] == manifest["source"]["sha256"]
+    manifest_bytes = (pbmc_shards / "manifest.json").read_bytes()
+    assert run.data.tags["scbert.manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [2, 4, 6, 8]
     assert len(client.get_metric_history(run.info.run_id, "val/macro_f1")) == 2
