@@ -460,6 +460,13 @@ def fit(
             shutil.copytree(Path(directory) / MODEL_DIR, final / MODEL_DIR)
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
         metrics = dict(result.metrics or {})
+        if task == "finetune" and saved["loop"]["best_step"] >= 0:  # the step that was kept
+            chosen = {
+                "val/best_macro_f1": saved["loop"]["best_metric"],
+                "val/best_step": float(saved["loop"]["best_step"]),
+            }
+            mlflow.log_metrics(chosen)
+            metrics |= chosen
         if task == "finetune" and train.test_fold >= 0:
             metrics |= _log_test_evaluation(final / MODEL_DIR, shards, train.test_fold, params)
         mlflow.log_artifacts(str(final / MODEL_DIR), "model")

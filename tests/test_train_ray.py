@@ -66,6 +66,8 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     result = fit("finetune", pbmc_shards, params, run_name="ft")
     assert result.steps == 8
     assert {"val/macro_f1", "test/accuracy", "test/macro_f1"} <= set(result.metrics)
+    assert result.metrics["val/best_macro_f1"] >= result.metrics["val/macro_f1"]
+    assert result.metrics["val/best_step"] in (4.0, 8.0)
 
     client, run = mlflow_run(workdir, result.mlflow_run_id)
     assert run.data.params["train.workers"] == "2"
