@@ -55,25 +55,39 @@ def quiet_hooks(reports: list[tuple[dict[str, float], bool]]) -> LoopHooks:
     return LoopHooks(report=lambda m, due: reports.append((m, due)), log=lambda _: None)
 
 
-def test_pretraining_loss_goes_down() -> None:
-    params = TrainParams(
-        lr=3e-3, grad_accum=1, schedule="constant", ckpt_every=0, val_every=0, log_every=1
-    )
-    model, optimizer, scheduler, _, loss_fn = pretrain_setup(params)
-    data = token_batches(4)
-    reports: list[tuple[dict[str, float], bool]] = []
-    state = run_loop(
+def train(
+    setup: tuple[Any, ...],
+    epochs: Any,
+    params: TrainParams,
+    total_steps: int,
+    *,
+    state: LoopState | None = None,
+    reports: list[tuple[dict[str, float], bool]] | None = None,
+) -> LoopState:
+    """run_loop on a ``pretrain_setup``, reports collected into ``reports``."""
+    model, optimizer, scheduler, _, loss_fn = setup
+    return run_loop(
         model,
         optimizer,
         scheduler,
         loss_fn,
-        lambda epoch: data,
+        epochs,
         params=params,
-        total_steps=60,
-        state=LoopState(),
-        hooks=quiet_hooks(reports),
+        total_steps=total_steps,
+        state=state or LoopState(),
+        hooks=quiet_hooks([] if reports is None else reports),
         device=CPU,
     )
+
+
+def test_pretraining_loss_goes_down() -> None:
+    params = TrainParams(
+        lr=3e-3, grad_accum=1, schedule="constant", ckpt_every=0, val_every=0, log_every=1
+    )
+    setup = pretrain_setup(params)
+    data = token_batches(4)
+    reports: list[tuple[dict[str, float], bool]] = []
+    state = train(setup, lambda epoch: data, params, 60, reports=reports)
     assert (state.step, state.epoch, state.batches_done) == (60, 14, 4)  # 15 epochs of 4
     losses = [m["train/loss"] for m, _ in reports]
     assert sum(losses[-8:]) / 8 < 0.6 * sum(losses[:8]) / 8
@@ -82,20 +96,9 @@ def test_pretraining_loss_goes_down() -> None:
 
 def test_accumulation_steps_once_per_grad_accum_micro_batches() -> None:
     params = TrainParams(grad_accum=3, ckpt_every=2, val_every=0, log_every=1)
-    model, optimizer, scheduler, _, loss_fn = pretrain_setup(params)
+    setup = pretrain_setup(params)
     reports: list[tuple[dict[str, float], bool]] = []
-    state = run_loop(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        lambda epoch: token_batches(7),
-        params=params,
-        total_steps=4,
-        state=LoopState(),
-        hooks=quiet_hooks(reports),
-        device=CPU,
-    )
+    state = train(setup, lambda epoch: token_batches(7), params, 4, reports=reports)
     assert len(reports) == 4 and state.step == 4
     assert [due for _, due in reports] == [False, True, False, True]
     assert state.cells == 4 * 3 * 4  # 4 steps x 3 micro-batches x 4 cells
@@ -109,92 +112,37 @@ def test_resume_from_a_checkpoint_continues_exactly() -> None:
     def epochs(epoch: int) -> list[dict[str, Any]]:
         return data
 
-    model, optimizer, scheduler, generator, loss_fn = pretrain_setup(params)
-    run_loop(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        epochs,
-        params=params,
-        total_steps=6,
-        state=LoopState(),
-        hooks=quiet_hooks([]),
-        device=CPU,
-    )
-    uninterrupted = copy.deepcopy(model.state_dict())
+    setup = pretrain_setup(params)
+    train(setup, epochs, params, 6)
+    uninterrupted = copy.deepcopy(setup[0].state_dict())
 
-    model, optimizer, scheduler, generator, loss_fn = pretrain_setup(params)
-    state = run_loop(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        epochs,
-        params=params,
-        total_steps=3,
-        state=LoopState(),
-        hooks=quiet_hooks([]),
-        device=CPU,
-    )
+    model, optimizer, scheduler, generator, _ = setup = pretrain_setup(params)
+    state = train(setup, epochs, params, 3)
     saved = copy.deepcopy(training_state(optimizer, scheduler, state, generator))
     weights = copy.deepcopy(model.state_dict())
 
-    model, optimizer, scheduler, generator, loss_fn = pretrain_setup(params, seed=1)
+    model, optimizer, scheduler, generator, _loss_fn = setup = pretrain_setup(params, seed=1)
     model.load_state_dict(weights)
     state = restore_training_state(saved, optimizer, scheduler, generator)
     assert (state.step, state.epoch, state.batches_done) == (3, 1, 1)  # spans epochs
-    run_loop(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        epochs,
-        params=params,
-        total_steps=6,
-        state=state,
-        hooks=quiet_hooks([]),
-        device=CPU,
-    )
+    train(setup, epochs, params, 6, state=state)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
 
 
 def test_reports_come_every_log_every_steps_and_at_checkpoints() -> None:
     params = TrainParams(grad_accum=1, ckpt_every=4, val_every=0, log_every=3)
-    model, optimizer, scheduler, _, loss_fn = pretrain_setup(params)
+    setup = pretrain_setup(params)
     reports: list[tuple[dict[str, float], bool]] = []
-    run_loop(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        lambda epoch: token_batches(5),
-        params=params,
-        total_steps=10,
-        state=LoopState(),
-        hooks=quiet_hooks(reports),
-        device=CPU,
-    )
+    train(setup, lambda epoch: token_batches(5), params, 10, reports=reports)
     assert [due for _, due in reports] == [False, True, False, True, False, True]  # 3 4 6 8 9 10
 
 
 def test_empty_training_split_is_an_error() -> None:
     params = TrainParams(grad_accum=1)
-    model, optimizer, scheduler, _, loss_fn = pretrain_setup(params)
+    setup = pretrain_setup(params)
     with pytest.raises(RuntimeError, match="no batches"):
-        run_loop(
-            model,
-            optimizer,
-            scheduler,
-            loss_fn,
-            lambda epoch: [],
-            params=params,
-            total_steps=2,
-            state=LoopState(),
-            hooks=quiet_hooks([]),
-            device=CPU,
-        )
+        train(setup, lambda epoch: [], params, 2)
 
 
 def test_published_freeze_trains_the_last_block_norm_and_head() -> None:
