@@ -107,6 +107,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from scbert_tune.registry import register
+
+    move = register(args.run_id, name=args.name)
+    print(f"{move.name} version {move.version} is the {move.alias}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from scbert_tune.registry import promote, rollback
+
+    if args.rollback:
+        move = rollback(args.name)
+    else:
+        tune = _params(args, {}).tune
+        move = promote(
+            args.name,
+            metric=tune.gate_metric,
+            tolerance=tune.gate_tolerance,
+            force_reason=args.force,
+        )
+    replaced = f" (was version {move.previous})" if move.previous else ""
+    print(f"{move.name} version {move.version} is the {move.alias}{replaced}: {move.reason}")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from scbert_platform.datasets import fetch
 
@@ -179,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         sub.set_defaults(run=cmd_train)
 
+    reg = verbs.add_parser("register", help="register a fine-tuning run's model (challenger)")
+    reg.add_argument("run_id", help="the MLflow run id of a scbert finetune run")
+    reg.add_argument("--name", help="registered model name (default: scbert-<dataset>)")
+    reg.set_defaults(run=cmd_register)
+
+    pro = verbs.add_parser("promote", help="move champion to the challenger, past the gate")
+    pro.add_argument("name", help="registered model name, e.g. scbert-pbmc68k")
+    pro.add_argument("--force", metavar="REASON", help="skip the gate (the reason is recorded)")
+    pro.add_argument("--rollback", action="store_true", help="restore the previous champion")
+    _common(pro)
+    pro.set_defaults(run=cmd_promote)
+
     fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
     fetch.add_argument("name", help="pbmc68k_reduced")
     fetch.add_argument("--out", required=True, help="destination file")
@@ -198,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scbert_platform.ingest import IngestError
     from scbert_platform.panel import PanelError
     from scbert_platform.train_ray import TrainingError
+    from scbert_tune.registry import GateRefused
 
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
@@ -208,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ParamsError,
         PanelError,
         TrainingError,
+        GateRefused,
         FileNotFoundError,
         KeyError,
+        ValueError,
     ) as err:
         print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
         return 2

@@ -98,7 +98,10 @@ class TrainParams:
 
 @dataclass
 class TuneParams:
-    """Sweeps and cross-validation (filled in by the tuning issue)."""
+    """Sweeps, cross-validation and the promotion gate (sweeps and CV: the tuning issue)."""
+
+    gate_metric: str = "cv/macro_f1"  # promote: the challenger's metric compared to the champion's
+    gate_tolerance: float = 0.01  # promote: how far below the champion's the challenger may be
 
 
 @dataclass

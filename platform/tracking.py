@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DB = "mlruns.db"
+MODEL_URI_TAG = "scbert.model_uri"  # on a fine-tuning run: its pyfunc model, for the registry
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 

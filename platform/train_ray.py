@@ -475,6 +475,7 @@ def fit(
             from scbert_platform.pyfunc import example_counts, log_pyfunc
 
             model_uri = log_pyfunc(final / MODEL_DIR, example_counts(shards, info.panel))
+            mlflow.set_tag(tracking.MODEL_URI_TAG, model_uri)
         mlflow.log_metric("steps", saved["loop"]["step"])
         return TrainResult(
             run_name,

@@ -1,0 +1,146 @@
+"""The registry for real (MLflow on SQLite): register, the promotion gate, force, rollback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from conftest import build_model, tiny_config
+
+from scbert import save_pretrained
+from scbert_platform import tracking
+from scbert_platform.pyfunc import log_pyfunc
+from scbert_tune.registry import (
+    CHALLENGER,
+    CHAMPION,
+    GateRefused,
+    promote,
+    register,
+    rollback,
+)
+
+PANEL = [f"G{i}" for i in range(24)]
+LABELS = ["B", "NK", "T"]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def finetuned_run(
+    workdir: Path, macro_f1: float | None, *, seed: int = 0, manifest: str = "m1", panel: str = "p1"
+) -> str:
+    """A fine-tuning run as `scbert finetune` leaves it: tags, metrics and a pyfunc model."""
+    import mlflow
+
+    checkpoint = workdir / f"ckpt-{seed}"
+    model = build_model(tiny_config(n_classes=3, gene_embedding="learned"), seed=seed)
+    save_pretrained(model, checkpoint, panel=PANEL, labels=LABELS)
+    example = pd.DataFrame([[3.0] * 12 + [0.0] * 12, [0.0] * 12 + [5.0] * 12], columns=PANEL)
+    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-finetune")) as run:
+        mlflow.set_tags(
+            {
+                "scbert.dataset": "toy",
+                "scbert.manifest_sha256": manifest,
+                "scbert.panel_sha256": panel,
+            }
+        )
+        if macro_f1 is not None:
+            mlflow.log_metric("cv/macro_f1", macro_f1)
+        mlflow.set_tag(tracking.MODEL_URI_TAG, log_pyfunc(checkpoint, example))
+    return str(run.info.run_id)
+
+
+def version_of(alias: str) -> Any:
+    from scbert_tune.registry import _client
+
+    return _client().get_model_version_by_alias("scbert-toy", alias)
+
+
+def test_register_promote_refuse_force_and_rollback(workdir: Path) -> None:
+    first = register(finetuned_run(workdir, 0.80, seed=0))
+    assert (first.name, first.alias, first.version) == ("scbert-toy", CHALLENGER, "1")
+    assert version_of(CHALLENGER).tags["metric.cv/macro_f1"] == "0.8"
+    promoted = promote("scbert-toy")  # no champion yet: the gate checks the metric and smoke
+    assert promoted.version == "1" and str(version_of(CHAMPION).version) == "1"
+
+    register(finetuned_run(workdir, 0.70, seed=1))  # worse by 0.10
+    with pytest.raises(GateRefused, match=r"0\.7000 is below the champion's .* 0\.8000"):
+        promote("scbert-toy")
+    assert str(version_of(CHAMPION).version) == "1"
+
+    register(finetuned_run(workdir, 0.795, seed=2))  # within the tolerance of 0.01
+    assert promote("scbert-toy").version == "3"
+    assert version_of(CHAMPION).tags["scbert.previous_champion"] == "1"
+
+    back = rollback("scbert-toy")
+    assert (back.version, back.previous) == ("1", "3")
+    history = json.loads(version_of(CHAMPION).tags["scbert.alias_history"])
+    assert [entry["alias"] for entry in history] == [CHALLENGER, CHAMPION, CHAMPION]
+    assert history[-1]["why"] == "rollback from version 3" and history[-1]["who"]
+
+    register(finetuned_run(workdir, 0.50, seed=3))
+    forced = promote("scbert-toy", force_reason="hotfix for a mislabelled class")
+    assert forced.version == "4"
+    assert version_of(CHAMPION).tags["scbert.forced"] == "hotfix for a mislabelled class"
+
+
+def test_gate_refuses_another_dataset_or_a_missing_metric(workdir: Path) -> None:
+    register(finetuned_run(workdir, 0.80))
+    promote("scbert-toy")
+    register(finetuned_run(workdir, 0.90, seed=1, manifest="m2"))
+    with pytest.raises(GateRefused, match="another dataset manifest"):
+        promote("scbert-toy")
+    register(finetuned_run(workdir, None, seed=2))
+    with pytest.raises(GateRefused, match="has no cv/macro_f1"):
+        promote("scbert-toy")
+
+
+def test_gate_refuses_a_model_that_cannot_predict(workdir: Path) -> None:
+    import mlflow
+
+    run_id = finetuned_run(workdir, 0.9)
+    uri = mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG]
+    model = mlflow.get_logged_model(uri.removeprefix("models:/"))
+    weights = Path(model.artifact_location.removeprefix("file://")) / "artifacts"
+    for file in weights.rglob("model.safetensors"):
+        file.unlink()  # a broken artifact store
+    register(run_id)
+    with pytest.raises(GateRefused, match="failed its smoke prediction"):
+        promote("scbert-toy")
+
+
+def test_register_needs_a_finetuning_run(workdir: Path) -> None:
+    import mlflow
+
+    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-pretrain")) as run:
+        pass
+    with pytest.raises(ValueError, match="fine-tuning run"):
+        register(run.info.run_id)
+    with pytest.raises(GateRefused, match="no challenger"):
+        promote("scbert-nothing")
+
+
+def test_cli_register_promote_and_refusal(workdir: Path) -> None:
+    import subprocess
+    import sys
+
+    def scbert(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "scbert_platform.cli", *args]
+        return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=300)
+
+    good, worse = finetuned_run(workdir, 0.8), finetuned_run(workdir, 0.6, seed=1)
+    assert "version 1 is the challenger" in scbert("register", good).stdout
+    assert "version 1 is the champion" in scbert("promote", "scbert-toy").stdout
+    scbert("register", worse)
+    refused = scbert("promote", "scbert-toy", "--params", "none.yaml")
+    assert refused.returncode == 2
+    assert "not promoted" in refused.stderr and "below the champion's" in refused.stderr
+    loose = scbert("promote", "scbert-toy", "--set", "tune.gate_tolerance=0.5")
+    assert loose.returncode == 0 and "version 2 is the champion (was version 1)" in loose.stdout
