@@ -56,7 +56,7 @@ def test_imports_create_no_files(tmp_path: Path) -> None:
     modules = ["demo", "cli", "datasets", "gene_embed", "ingest", "loader", "panel", "params"]
     modules += ["synthetic", "schedule", "metrics", "training", "train_ray", "tracking", "pyfunc"]
     imports = ", ".join(f"scbert_platform.{m}" for m in modules)
-    run_python(f"import scbert, scbert_tune, scbert_serve, {imports}", tmp_path)
+    run_python(f"import scbert, scbert_tune.registry, scbert_serve, {imports}", tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == []
 
 
