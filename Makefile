@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-# the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings), then the model
+# the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,
+# fine-tune), then the model at paper size and the fine-tuned model on real test-fold cells
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --gene2vec data/gene2vec/pbmc68k.txt
+	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,5 @@
-"""The main job's model step: scBERT at paper size (parameter count, one forward pass), then the
-same architecture on real ingested cells (the pipeline's shards, e.g. ``data/cells/pbmc68k``)."""
+"""The main job's last step: scBERT at paper size (parameter count, one forward pass), then the
+pipeline's fine-tuned model annotating real test-fold cells (``data/cells/pbmc68k``)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", type=int, default=2, help="cells in the forward pass")
     parser.add_argument("--classes", type=int, default=10, help="cell types of the classifier head")
-    parser.add_argument("--cells-dir", help="ingested shards: also run on their first cells")
-    parser.add_argument("--gene2vec", help="Gene2vec text file for the shards' panel")
+    parser.add_argument("--cells-dir", help="ingested shards: also annotate their test-fold cells")
+    parser.add_argument("--model", help="a fine-tuned checkpoint directory for --cells-dir")
     args = parser.parse_args(argv)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
@@ -63,37 +63,37 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = time.perf_counter() - start
     print(f"input tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} in {elapsed:.1f} s")
     print(f"max class probability per cell (random weights): {proba.max(dim=1).values.tolist()}")
-    if args.cells_dir:
-        run_on_shards(args.cells_dir, args.gene2vec, n_cells=args.cells)
+    if args.cells_dir and args.model:
+        run_on_shards(args.cells_dir, args.model, n_cells=max(args.cells, 8))
 
 
-def run_on_shards(directory: str, gene2vec_path: str | None, *, n_cells: int) -> None:
-    """The paper's architecture over an ingested dataset's own panel, on its first real cells."""
-    from scbert import load_gene2vec_text
+def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0) -> None:
+    """The pipeline's fine-tuned model on real cells of the test fold (never used to train it or
+    to choose its checkpoint): predicted against expert cell types."""
+    from scbert import assign_cell_types, load_pretrained
     from scbert_platform.loader import ShardInfo, iter_local_batches
 
     info = ShardInfo.read(directory)
-    gene2vec = load_gene2vec_text(gene2vec_path, info.panel) if gene2vec_path else None
-    config = ScBertConfig(
-        n_genes=info.n_genes,
-        n_classes=len(info.labels),
-        gene_embedding="gene2vec" if gene2vec is not None else "learned",
-    )
-    torch.manual_seed(0)
-    model = ScBert(config=config, gene2vec=gene2vec).eval()
-    batch = next(iter_local_batches(directory, config.n_bins, batch_size=n_cells))
-    tokens = torch.from_numpy(batch["tokens"])
+    bundle = load_pretrained(model_dir)
+    assert bundle.labels is not None, f"{model_dir} is not a fine-tuned checkpoint"
+    model = bundle.model.eval()
+    tokens, labels = [], []
+    for batch in iter_local_batches(directory, model.config.n_bins, folds=[fold], batch_size=64):
+        tokens.append(torch.from_numpy(batch["tokens"]))
+        labels += batch["label"].tolist()
+        if len(labels) >= n_cells:
+            break
     with torch.inference_mode():
-        logits = model(tokens)
-    labels = [info.labels[i] for i in batch["label"]]
+        proba = model.predict_proba(torch.cat(tokens)[:n_cells])
+    predicted = assign_cell_types(proba, bundle.labels, threshold=0.5)
+    truth = [info.labels[i] for i in labels[:n_cells]]
+    c = model.config
     print(
-        f"real cells from {directory}: {info.n_cells} cells, panel of {info.n_genes} genes, "
-        f"{len(info.labels)} labels, gene embedding {config.gene_embedding}"
+        f"fine-tuned model {model_dir} (dim {c.dim}, depth {c.depth}, {c.n_genes} genes) on "
+        f"{len(truth)} real cells of test fold {fold} from {directory}:"
     )
-    print(
-        f"tokens {tuple(tokens.shape)} ({tokens.dtype}) -> logits {tuple(logits.shape)}; "
-        f"labels of these cells: {labels}"
-    )
+    for true, guess, p in zip(truth, predicted, proba.max(dim=1).values.tolist(), strict=True):
+        print(f"  {'ok ' if true == guess else 'x  '}{true:30} -> {guess} ({p:.2f})")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,19 @@ def test_demo_runs_at_paper_size() -> None:
     assert "encoder 5,004,000" in out  # the paper: about 5.0 M trainable encoder parameters
     assert "nb_features=266" in out
     assert "(1, 16907) -> logits (1, 10)" in out
+
+
+def test_demo_annotates_test_fold_cells(pbmc_shards, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from conftest import build_model, tiny_config
+
+    from scbert import save_pretrained
+    from scbert_platform.demo import run_on_shards
+    from scbert_platform.loader import ShardInfo
+
+    info = ShardInfo.read(pbmc_shards)
+    config = tiny_config(n_genes=info.n_genes, n_classes=len(info.labels), gene_embedding="learned")
+    save_pretrained(build_model(config), tmp_path / "m", panel=info.panel, labels=info.labels)
+    run_on_shards(str(pbmc_shards), str(tmp_path / "m"), n_cells=8)
+    lines = capsys.readouterr().out.splitlines()
+    assert "8 real cells of test fold 0" in lines[0]
+    assert len(lines) == 9 and all(" -> " in line for line in lines[1:])
