@@ -133,6 +133,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from scbert_tune.baselines import cross_validate, markdown
+
+    if not args.baseline:
+        raise ValueError(
+            "scBERT's own cross-validation (one Ray Tune trial per fold) is not built yet; "
+            "--baseline logreg or --baseline knn runs the simple baselines on the same folds"
+        )
+    results = [cross_validate(args.shards, kind) for kind in args.baseline]
+    print(markdown(results))
+    if args.metrics:
+        Path(args.metrics).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from scbert_platform.datasets import fetch
 
@@ -204,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
             )
         _common(sub)
         sub.set_defaults(run=cmd_train)
+
+    cv = verbs.add_parser("cv", help="cross-validation on the shards' folds")
+    cv.add_argument("shards", help="an ingested shard directory")
+    cv.add_argument(
+        "--baseline",
+        action="append",
+        choices=["logreg", "knn"],
+        help="a scikit-learn baseline on the same folds and input (repeatable)",
+    )
+    cv.add_argument("--metrics", help="also write the results as JSON")
+    cv.set_defaults(run=cmd_cv)
 
     reg = verbs.add_parser("register", help="register a fine-tuning run's model (challenger)")
     reg.add_argument("run_id", help="the MLflow run id of a scbert finetune run")

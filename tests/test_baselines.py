@@ -1,0 +1,33 @@
+"""Baselines on the same folds and input as scBERT (`scbert cv --baseline`), on real cells."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scbert_platform.ingest import read_manifest
+from scbert_tune.baselines import cross_validate, markdown
+
+
+@pytest.mark.parametrize("kind", ["logreg", "knn"])
+def test_baseline_cross_validation_on_real_cells(pbmc_shards: Path, kind: str) -> None:
+    result = cross_validate(pbmc_shards, kind)
+    counts = read_manifest(pbmc_shards)["folds"]["counts"]
+    assert [f["fold"] for f in result["folds"]] == [0, 1, 2, 3, 4]
+    assert [f["n"] for f in result["folds"]] == [counts[str(i)] for i in range(5)]
+    assert sum(map(sum, result["confusion_matrix"])) == sum(counts.values())  # every cell once
+    assert 0.5 < result["accuracy_mean"] <= 1  # real cell types are learnable from expression
+    assert result["accuracy_std"] > 0
+    table = markdown([result])
+    assert f"| {kind} | 5 |" in table and "±" in table
+
+
+def test_unknown_baseline_and_missing_flag_are_errors(pbmc_shards: Path) -> None:
+    with pytest.raises(ValueError, match="unknown baseline"):
+        cross_validate(pbmc_shards, "forest")
+    command = [sys.executable, "-m", "scbert_platform.cli", "cv", str(pbmc_shards)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--baseline" in result.stderr
