@@ -62,23 +62,13 @@ def shards_as_h5ad(shards: Path, path: Path, max_cells: int) -> Path:
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    from scbert_platform.loader import shard_files
+    from scbert_platform.loader import shard_files, values_matrix
 
     info = ShardInfo.read(shards)
     parts, n = [], 0
     for file in shard_files(shards):
-        table = pq.read_table(file, columns=["gene_idx", "value"])
-        gene_idx, value = table.column("gene_idx").combine_chunks(), table.column("value")
-        offsets = gene_idx.offsets.to_numpy()
         parts.append(
-            sp.csr_matrix(
-                (
-                    value.combine_chunks().values.to_numpy(),
-                    gene_idx.values.to_numpy().astype(np.int32),
-                    offsets - offsets[0],
-                ),
-                shape=(len(offsets) - 1, info.n_genes),
-            )
+            values_matrix(pq.read_table(file, columns=["gene_idx", "value"]), info.n_genes)
         )
         n += parts[-1].shape[0]
         if n >= max_cells:

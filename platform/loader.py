@@ -111,6 +111,17 @@ def _column(batch: Any, name: str) -> list[Any]:
     return column.to_pylist() if hasattr(column, "to_pylist") else list(column)
 
 
+def values_matrix(batch: Any, n_genes: int) -> Any:
+    """The normalised values of shard rows (a pyarrow Table) as CSR (cells x n_genes)."""
+    import scipy.sparse as sp
+
+    offsets, genes = _flat_lists(batch, "gene_idx")
+    _, values = _flat_lists(batch, "value")
+    return sp.csr_matrix(
+        (values, genes.astype(np.int64), offsets), shape=(len(offsets) - 1, n_genes)
+    )
+
+
 def _flat_lists(batch: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, flat values) of a list column, from Arrow without a Python-level loop."""
     import pyarrow as pa

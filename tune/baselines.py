@@ -21,22 +21,14 @@ def load_cells(shards: str | Path) -> tuple[Any, np.ndarray, np.ndarray, list[st
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    from scbert_platform.loader import ShardInfo, shard_files
+    from scbert_platform.loader import ShardInfo, shard_files, values_matrix
 
     info = ShardInfo.read(shards)
     index = {label: i for i, label in enumerate(info.labels)}
     parts, labels, folds = [], [], []
     for file in shard_files(shards):
         table = pq.read_table(file, columns=["gene_idx", "value", "label", "fold"])
-        genes = table.column("gene_idx").combine_chunks()
-        offsets = genes.offsets.to_numpy()
-        values = table.column("value").combine_chunks().values.to_numpy()
-        parts.append(
-            sp.csr_matrix(
-                (values, genes.values.to_numpy().astype(np.int64), offsets - offsets[0]),
-                shape=(table.num_rows, info.n_genes),
-            )
-        )
+        parts.append(values_matrix(table, info.n_genes))
         labels += [index.get(label, -1) for label in table.column("label").to_pylist()]
         folds.append(table.column("fold").to_numpy())
     return sp.vstack(parts).tocsr(), np.array(labels), np.concatenate(folds), info.labels
