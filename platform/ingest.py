@@ -152,6 +152,7 @@ class InputTable:
     log_base: float | None  # of log-normalised input (None = natural log)
     sha256: str
     kind: str
+    batches: list[str] | None = None  # obs[batch_key] of each cell, when data.batch_key is set
 
 
 SUFFIXES = {".h5ad": "h5ad", ".h5": "10x_h5", ".loom": "loom"}
@@ -299,8 +300,17 @@ def open_input(path: str | Path, params: DataParams, scratch: Path) -> InputTabl
     genes = _unique_or_fail(genes, "gene", params.make_unique, "duplicated gene symbols")
     cell_ids = _unique_or_fail(cell_ids, "cell", params.make_unique, "duplicated cell ids")
     labels = _labels(obs, params.label_key, path)
+    batches = _batches(obs, params.batch_key, path, kind, cell_ids)
     return InputTable(
-        MatrixSource(str(h5ad), location), n_cells, genes, cell_ids, labels, log_base, sha256, kind
+        MatrixSource(str(h5ad), location),
+        n_cells,
+        genes,
+        cell_ids,
+        labels,
+        log_base,
+        sha256,
+        kind,
+        batches,
     )
 
 
@@ -346,8 +356,46 @@ def _labels(obs: Any, label_key: str, path: Path) -> list[str | None] | None:
     return labels
 
 
+def _batches(
+    obs: Any, batch_key: str, path: Path, kind: str, cell_ids: list[str]
+) -> list[str] | None:
+    """``obs[batch_key]`` as strings (each cell's dataset or batch), or None when unset."""
+    if not batch_key:
+        return None
+    if batch_key not in obs.columns:
+        if kind in ("10x_h5", "10x_mtx"):
+            raise IngestError(
+                f"{path}: data.batch_key={batch_key!r} needs an obs column, and a {kind} input "
+                "has no per-cell metadata: build an AnnData with the column (e.g. "
+                f"anndata.concat(..., label={batch_key!r})), write it as .h5ad and ingest that, "
+                "or omit data.batch_key"
+            )
+        where = "column attributes (col_attrs)" if kind == "loom" else "columns"
+        raise IngestError(
+            f"{path}: obs has no batch column {batch_key!r} (data.batch_key); "
+            f"{where}: {list(obs.columns)}"
+        )
+    values = obs[batch_key].tolist()
+    missing = [i for i, v in enumerate(values) if _missing(v)]
+    if missing:
+        examples = ", ".join(repr(cell_ids[i]) for i in missing[:5])
+        raise IngestError(
+            f"batch column {batch_key!r} (data.batch_key) has no value for {len(missing)} of "
+            f"{len(values)} cells (e.g. {examples}): every cell needs its dataset or batch; "
+            "fill them in or drop those cells before ingesting"
+        )
+    return [str(v) for v in values]
+
+
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+    if value is None or (isinstance(value, str) and value == ""):
+        return True
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(value))  # NaN, pd.NA, NaT
+    except (TypeError, ValueError):  # not a scalar
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +523,7 @@ class ShardSpec:
     directory: str
     recover_counts: bool
     target_sum: float
+    batches: tuple[tuple[str, ...], ...] | None = None  # per chunk, of kept rows (batch_key set)
 
 
 @dataclass
@@ -503,8 +552,9 @@ def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardRe
     import pyarrow.parquet as pq
 
     tables = []
-    for chunk, keep, folds, labels in zip(
-        spec.chunks, spec.keep, spec.folds, spec.labels, strict=True
+    batches_per_chunk = spec.batches or (None,) * len(spec.chunks)
+    for chunk, keep, folds, labels, batches in zip(
+        spec.chunks, spec.keep, spec.folds, spec.labels, batches_per_chunk, strict=True
     ):
         with chunk.source.rows() as rows:
             x = read_counts(chunk, rows)
@@ -520,6 +570,7 @@ def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardRe
                 np.asarray(counts.sum(axis=1)).ravel(),
                 folds,
                 n_panel,
+                None if batches is None else list(batches),
             )
         )
     table = pa.concat_tables(tables)
@@ -541,8 +592,10 @@ def cells_table(
     n_counts: np.ndarray,
     folds: np.ndarray,
     n_panel: int,
+    batches: Sequence[str] | None = None,
 ) -> Any:
-    """A pyarrow Table in the shard schema (DESIGN.md) from normalised CSR rows."""
+    """A pyarrow Table in the shard schema (DESIGN.md) from normalised CSR rows; with
+    ``batches`` (data.batch_key set), a ``batch`` string column after ``label``."""
     import pyarrow as pa
 
     index_type = pa.uint16() if n_panel <= np.iinfo(np.uint16).max + 1 else pa.int32()
@@ -551,10 +604,15 @@ def cells_table(
         offsets, pa.array(values.indices.astype(index_type.to_pandas_dtype()), type=index_type)
     )
     value = pa.ListArray.from_arrays(offsets, pa.array(values.data.astype(np.float32)))
+    columns: dict[str, Any] = {
+        "cell_id": pa.array(list(cell_ids), pa.string()),
+        "label": pa.array(list(labels), pa.string()),
+    }
+    if batches is not None:
+        columns["batch"] = pa.array(list(batches), pa.string())
     return pa.table(
         {
-            "cell_id": pa.array(list(cell_ids), pa.string()),
-            "label": pa.array(list(labels), pa.string()),
+            **columns,
             "gene_idx": gene_idx,
             "value": value,
             "n_counts": pa.array(n_counts.astype(np.float64)),
@@ -647,9 +705,11 @@ def _ray_session(use_ray: bool) -> Iterator[None]:
         return
     import ray
 
+    from scbert_platform.cluster import start_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        start_ray(log_to_driver=False)
     try:
         yield
     finally:
@@ -780,6 +840,10 @@ def _ingest(
         )
     kept_ids = [table.cell_ids[i] for i in kept_rows]
     kept_labels = None if table.labels is None else [table.labels[i] for i in kept_rows]
+    kept_batches = None if table.batches is None else [table.batches[i] for i in kept_rows]
+    if kept_batches is not None:
+        per_batch = ", ".join(f"{b} {n}" for b, n in sorted(Counter(kept_batches).items()))
+        say(f"cells kept per {params.batch_key} (data.batch_key): {per_batch}")
     folds = assign_folds(kept_ids, kept_labels, params.n_folds, params.seed)
     fold_of = np.full(table.n_cells, -1, dtype=np.int8)
     fold_of[kept_rows] = folds
@@ -806,6 +870,9 @@ def _ingest(
                     directory=str(staging),
                     recover_counts=recover,
                     target_sum=params.target_sum,
+                    batches=None
+                    if table.batches is None
+                    else tuple(tuple(table.batches[i] for i in k) for k in keeps),
                 )
             )
         write = partial(write_shard, positions=positions, n_panel=n_panel)
@@ -821,6 +888,7 @@ def _ingest(
             low,
             empty,
             kept_labels,
+            kept_batches,
             folds,
             results,
             recover,
@@ -863,6 +931,7 @@ def _manifest(
     low: np.ndarray,
     empty: np.ndarray,
     kept_labels: list[str | None] | None,
+    kept_batches: list[str] | None,
     folds: np.ndarray,
     results: list[ShardResult],
     recover: bool,
@@ -919,6 +988,9 @@ def _manifest(
             "key": params.label_key or None,
             "counts": dict(sorted(label_counts.items())),
         },
+        "batches": None
+        if kept_batches is None
+        else {"key": params.batch_key, "counts": dict(sorted(Counter(kept_batches).items()))},
         "folds": {
             "n_folds": params.n_folds,
             "seed": params.seed,

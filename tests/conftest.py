@@ -86,6 +86,39 @@ def sharpen(model: ScBert, *, scale: float = 2.0) -> ScBert:
     return load_published(state).eval()
 
 
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """MLflow's embedded defaults (mlruns.db, mlartifacts/) land in a fresh directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def tiny_params(storage: Path, **train: Any) -> Any:
+    """Params of a tiny model and a few training steps (Ray Train, sweep and CV tests)."""
+    from scbert_platform.params import ModelParams, Params, TrainParams
+
+    params = Params()
+    params.model = ModelParams(
+        dim=16, depth=1, heads=2, dim_head=8, nb_features=16, gene_embedding="learned"
+    )
+    params.data.shuffle_buffer = 128
+    defaults: dict[str, Any] = {
+        "batch_size": 16,
+        "grad_accum": 1,
+        "max_steps": 8,
+        "ckpt_every": 4,
+        "val_every": 4,
+        "log_every": 2,
+        "lr": 1e-3,
+        "schedule": "constant",
+        "storage_path": str(storage),
+        "cpus_per_worker": 0.5,
+    }
+    params.train = TrainParams(**(defaults | train))
+    return params
+
+
 @pytest.fixture(scope="session")
 def _ray_shutdown_at_exit() -> Any:
     yield
@@ -99,8 +132,9 @@ def ray_local(_ray_shutdown_at_exit: None) -> Any:
     """A local Ray (2 CPUs as on this machine, no dashboard), started once and kept; a test that
     needs another cluster shuts it down, and the next test using this fixture starts it again."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    from scbert_platform.cluster import start_ray
+
+    start_ray(num_cpus=2)
     return ray
 
 
@@ -129,3 +163,25 @@ def pbmc_shards(tmp_path_factory: pytest.TempPathFactory, pbmc_h5ad: Path) -> Pa
     out = tmp_path_factory.mktemp("cells") / "pbmc68k"
     ingest(pbmc_h5ad, out, DataParams(**PBMC_PARAMS), executor="local", log=lambda _: None)
     return out
+
+
+def write_tenx_h5(adata: Any, path: Path) -> Path:
+    """A Cell Ranger v3 ``filtered_feature_bc_matrix.h5`` of ``adata``'s counts (no per-cell
+    metadata; Ensembl-like ids, the var names as symbols)."""
+    import h5py
+    import numpy as np
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(adata.X).astype(np.int32)
+    with h5py.File(path, "w") as f:
+        matrix = f.create_group("matrix")
+        for name in ("data", "indices", "indptr"):
+            matrix[name] = getattr(x, name)
+        matrix["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        matrix["barcodes"] = np.array(adata.obs_names, dtype="S")
+        features = matrix.create_group("features")
+        features["id"] = np.array([f"ENSG{j:011d}" for j in range(adata.n_vars)], dtype="S")
+        features["name"] = np.array(adata.var_names, dtype="S")
+        features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
+        features["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
+    return path

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import anndata
-import h5py
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -22,6 +21,7 @@ import pytest
 import scanpy as sc
 import scipy.io
 import scipy.sparse as sp
+from conftest import write_tenx_h5
 
 import scbert_platform.ingest as ingest_module
 from scbert_platform.ingest import IngestError, ingest, read_manifest
@@ -428,20 +428,7 @@ def test_input_normalized_on_low_raw_counts_is_rejected(tmp_path: Path) -> None:
 
 def duplicated_genes_10x_h5(folder: Path) -> Path:
     adata = anndata.read_h5ad(duplicated_genes(folder))
-    x = sp.csr_matrix(adata.X).astype(np.int32)
-    path = folder / "dup_genes.h5"
-    with h5py.File(path, "w") as f:
-        matrix = f.create_group("matrix")
-        for name in ("data", "indices", "indptr"):
-            matrix[name] = getattr(x, name)
-        matrix["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
-        matrix["barcodes"] = np.array(adata.obs_names, dtype="S")
-        features = matrix.create_group("features")
-        features["id"] = np.array([f"ENSG{j:011d}" for j in range(adata.n_vars)], dtype="S")
-        features["name"] = np.array(adata.var_names, dtype="S")
-        features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
-        features["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
-    return path
+    return write_tenx_h5(adata, folder / "dup_genes.h5")
 
 
 def duplicated_genes_10x_mtx(folder: Path) -> Path:
