@@ -127,7 +127,9 @@ def main() -> None:
 
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        from scbert_platform.cluster import start_ray
+
+        start_ray(num_cpus=2)
         try:
             dataset = cell_dataset(shards, args.n_bins)
             batches = dataset.iter_torch_batches(batch_size=args.batch_size, prefetch_batches=4)

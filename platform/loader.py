@@ -25,6 +25,7 @@ import numpy as np
 
 from scbert.tokens import APPENDED_TOKEN, bin_values
 from scbert_platform.ingest import PANEL_FILE, read_manifest
+from scbert_platform.splits import CellSplit
 
 NO_LABEL = -1  # label id of unlabelled cells and of labels outside the vocabulary
 
@@ -147,6 +148,8 @@ def iter_local_batches(
     batch_size: int = 64,
     folds: Sequence[int] | None = None,
     exclude_folds: Sequence[int] = (),
+    split: CellSplit | None = None,
+    role: str = "val",
     read_ahead: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches from shards in this process, in file order (no Ray): notebooks, serving, tests.
@@ -154,10 +157,13 @@ def iter_local_batches(
     A background thread reads and decodes the Parquet (pyarrow releases the GIL) up to
     ``read_ahead`` batches ahead while this thread densifies and bins: on 2 cores that nearly
     doubles the cells/s of doing both in turn. ``read_ahead=0`` reads in this thread.
+    ``split`` and ``role`` keep the cells of one role of a ``CellSplit`` (after the fold filter).
     """
     info = ShardInfo.read(directory)
     batcher = CellBatcher(info.n_genes, n_bins, info.labels)
-    batches = _record_batches(shard_files(directory), batch_size, folds, exclude_folds)
+    batches = _record_batches(
+        shard_files(directory), batch_size, folds, exclude_folds, split=split, role=role
+    )
     for record_batch in prefetch(batches, read_ahead) if read_ahead > 0 else batches:
         yield batcher(record_batch)
 
@@ -167,14 +173,19 @@ def _record_batches(
     batch_size: int,
     folds: Sequence[int] | None,
     exclude_folds: Sequence[int],
+    *,
+    split: CellSplit | None = None,
+    role: str = "val",
 ) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    columns = ["gene_idx", "value", "label", "fold"]
+    columns = _read_columns(split)
     for file in files:
         shard = pq.ParquetFile(file, memory_map=True)
         for record_batch in shard.iter_batches(batch_size=batch_size, columns=columns):
             keep = _fold_mask(record_batch.column("fold").to_numpy(), folds, exclude_folds)
+            if split is not None:
+                keep &= split.mask(record_batch, role)
             if keep.all():
                 yield record_batch
             elif keep.any():
@@ -247,16 +258,19 @@ def cell_dataset(
     *,
     folds: Sequence[int] | None = None,
     exclude_folds: Sequence[int] = (),
+    split: CellSplit | None = None,
+    role: str = "train",
     batch_size: int = 2048,
     shuffle_files: bool = True,
 ) -> Any:
     """A Ray Data Dataset of ``{"tokens", "label"}`` rows from an ingested directory.
 
     ``folds`` keeps those folds (e.g. the validation fold), ``exclude_folds`` drops them (e.g.
-    training = all folds but one). ``batch_size`` is the transform's block of cells (large blocks
-    amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here); iterate with
-    ``iter_torch_batches(batch_size=..., local_shuffle_buffer_size=..., prefetch_batches=4)``,
-    or hand the dataset to a Ray Train trainer.
+    training = all folds but one); ``split`` keeps the cells of one ``role`` of a ``CellSplit``
+    (applied to each block in the transform). ``batch_size`` is the transform's block of cells
+    (large blocks amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here);
+    iterate with ``iter_torch_batches(batch_size=..., local_shuffle_buffer_size=...,
+    prefetch_batches=4)``, or hand the dataset to a Ray Train trainer.
     """
     import ray.data
     from ray.data.expressions import col
@@ -264,17 +278,29 @@ def cell_dataset(
     info = ShardInfo.read(directory)
     dataset = ray.data.read_parquet(
         shard_files(directory), shuffle="files" if shuffle_files else None
-    ).select_columns(["gene_idx", "value", "label", "fold"])  # pushed down into the reader
+    ).select_columns(_read_columns(split))  # pushed down into the reader
     if folds is not None:
         dataset = dataset.filter(expr=col("fold").is_in(list(folds)))
     if exclude_folds:
         dataset = dataset.filter(expr=col("fold").not_in(list(exclude_folds)))
     batcher = CellBatcher(info.n_genes, n_bins, info.labels)
     return dataset.map_batches(
-        _apply, fn_kwargs={"batcher": batcher}, batch_format="pyarrow", batch_size=batch_size
+        _apply,
+        fn_kwargs={"batcher": batcher, "split": split, "role": role},
+        batch_format="pyarrow",
+        batch_size=batch_size,
     )
 
 
-def _apply(batch: Any, batcher: CellBatcher) -> dict[str, np.ndarray]:
+def _apply(
+    batch: Any, batcher: CellBatcher, split: CellSplit | None = None, role: str = "train"
+) -> dict[str, np.ndarray]:
     """Ray Data task function (a plain function: no actor start-up per pipeline)."""
+    if split is not None:
+        batch = batch.filter(split.mask(batch, role))
     return batcher(batch)
+
+
+def _read_columns(split: CellSplit | None) -> list[str]:
+    columns = ["gene_idx", "value", "label", "fold"]
+    return columns + [c for c in (split.columns if split else ()) if c not in columns]

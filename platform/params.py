@@ -47,6 +47,7 @@ class DataParams:
     use_raw: bool = False  # read counts from .raw
     input_normalized: bool = False  # values are log1p of normalised counts: inverted first
     label_key: str = ""  # obs column with cell-type labels; "" = unlabelled
+    batch_key: str = ""  # obs column naming each cell's dataset/batch (leave-one-dataset-out CV)
     make_unique: bool = False  # make duplicated gene symbols / cell ids unique instead of failing
     min_genes: int = 200  # QC: cells with fewer expressed panel genes are dropped (published)
     target_sum: float = 1e4  # normalize_total (published)
@@ -65,6 +66,7 @@ class TrainParams:
     workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # leave CPUs for Ray Data: workers x this < cluster CPUs
+    gpus_per_worker: float = 1.0  # with use_gpu; fractional (0.5) shares a GPU between workers
     batch_size: int = 3  # cells per worker per micro-step (published: 3 per GPU)
     grad_accum: int = 60  # micro-steps per optimiser step (published: 60)
     lr: float = 1e-4  # Adam (published)
@@ -87,7 +89,9 @@ class TrainParams:
     unfreeze: str = "published"  # fine-tuning: published | all | last_k:N
     class_weights: bool = False  # fine-tuning: inverse-frequency class weights in the loss
     patience: int = 5  # fine-tuning: validations without a better val macro F1 before stopping
-    val_fold: int = 1  # fine-tuning: fold for validation (early stopping, checkpoint choice)
+    val_fold: int = 1  # fine-tuning: fold for validation (early stopping, checkpoint choice);
+    # -1 = an inner split: val_fraction of the cells outside the test fold, by a seeded hash
+    val_fraction: float = 0.1
     test_fold: int = 0  # fine-tuning: fold reported as the test split; -1 = none
     pretrain_val_fold: int = 0  # pretraining: held-out fold for masked-token validation
     seed: int = 0

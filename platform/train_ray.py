@@ -21,6 +21,7 @@ from scbert import ScBert, load_pretrained, load_published, save_pretrained
 from scbert_platform.ingest import MANIFEST, read_manifest
 from scbert_platform.loader import ShardInfo, cell_dataset, iter_local_batches
 from scbert_platform.params import Params
+from scbert_platform.splits import CellSplit
 from scbert_platform.training import (
     LoopHooks,
     LoopState,
@@ -42,6 +43,7 @@ from scbert_platform.training import (
 MODEL_DIR = "model"  # in a Ray Train checkpoint: our checkpoint directory
 STATE_FILE = "train_state.pt"  # optimiser, schedule, loop position, RNG
 MLFLOW_RUN_FILE = "mlflow_run_id"
+CHECKPOINT_TAG = "scbert.checkpoint"  # on a run: the directory of its final (best) model
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +103,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
     info = ShardInfo.read(config["shards"])
+    split = CellSplit.from_dict(config["split"])
     model = _initial_model(config, info)
     if task == "finetune":
         set_trainable(model, "all" if config.get("from_scratch") else train.unfreeze)
@@ -142,8 +145,7 @@ def train_worker(config: dict[str, Any]) -> None:
         )
 
     def validation_batches() -> Any:
-        fold = train.val_fold if task == "finetune" else train.pretrain_val_fold
-        return iter_local_batches(config["shards"], n_bins, folds=[fold], batch_size=64)
+        return iter_local_batches(config["shards"], n_bins, split=split, role="val", batch_size=64)
 
     def validate() -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -220,6 +222,11 @@ def train_worker(config: dict[str, Any]) -> None:
                 m, batch, n_bins=n_bins, generator=generator, params=train, device=device
             )
 
+    if rank == 0 and "pg_file" in config:  # a sweep's driver frees it if the trial is stopped
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            with open(config["pg_file"], "a") as out:
+                out.write(group.id.hex() + "\n")
     if "pid_dir" in config:  # fault and cluster tests find the worker processes here
         import os
 
@@ -311,15 +318,47 @@ def check_params(params: Params, n_folds: int) -> None:
         problems.append("train.schedule must be cosine_restarts, constant or linear_warmup")
     if train.batch_size < 1 or train.grad_accum < 1:
         problems.append("train.batch_size and train.grad_accum must be >= 1")
-    for name in ("val_fold", "pretrain_val_fold"):
-        if not 0 <= getattr(train, name) < n_folds:
-            problems.append(f"train.{name} must be a fold 0..{n_folds - 1}")
-    if not -1 <= train.test_fold < n_folds or train.test_fold == train.val_fold:
+    if not 0 <= train.pretrain_val_fold < n_folds:
+        problems.append(f"train.pretrain_val_fold must be a fold 0..{n_folds - 1}")
+    if not -1 <= train.val_fold < n_folds:
+        problems.append(f"train.val_fold must be a fold 0..{n_folds - 1}, or -1 (inner split)")
+    if train.val_fold == -1 and not 0 < train.val_fraction < 1:
+        problems.append("train.val_fold=-1 needs train.val_fraction between 0 and 1")
+    if not -1 <= train.test_fold < n_folds or train.test_fold == train.val_fold >= 0:
         problems.append("train.test_fold must be -1 or a fold other than train.val_fold")
     if train.use_gpu and not torch.cuda.is_available():
         problems.append("train.use_gpu=true, but this machine has no CUDA GPU")
     if problems:
         raise TrainingError("; ".join(problems))
+
+
+def default_split(task: str, params: Params) -> CellSplit:
+    """The split ``params.train`` describes: pretraining validates on ``pretrain_val_fold``;
+    fine-tuning tests on ``test_fold`` (-1: none) and validates on ``val_fold`` (-1: an inner
+    split of ``val_fraction`` of the other cells)."""
+    train = params.train
+    if task == "pretrain":
+        return CellSplit(val_folds=(train.pretrain_val_fold,), seed=train.seed)
+    return CellSplit(
+        test_folds=(train.test_fold,) if train.test_fold >= 0 else (),
+        val_folds=(train.val_fold,) if train.val_fold >= 0 else (),
+        val_fraction=train.val_fraction if train.val_fold < 0 else 0.0,
+        seed=train.seed,
+    )
+
+
+def _tune_callback() -> Any:
+    """Forwards the reports that carry validation metrics from the Train workers to the Tune
+    trial this run belongs to: one Tune result per validation, so schedulers such as ASHA see
+    ``val/macro_f1`` in every result."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationToTune(TuneReportCallback):  # type: ignore[misc]
+        def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
+            if metrics and any(key.startswith("val/") for key in metrics[0]):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationToTune()
 
 
 def fit(
@@ -334,6 +373,10 @@ def fit(
     experiment: str | None = None,
     worker_resources: dict[str, float] | None = None,
     extra_config: dict[str, Any] | None = None,
+    split: CellSplit | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    report_to_tune: bool = False,
 ) -> TrainResult:
     """Train on Ray (a local Ray is started if none is running) and track the run in MLflow.
 
@@ -342,6 +385,9 @@ def fit(
     RUN``), and an existing run is not started again without it.
     ``worker_resources`` adds Ray resources per worker (e.g. a custom resource that each node
     has once, to place one worker per node).
+    ``split`` chooses the training, validation and test cells (default: ``default_split``);
+    ``parent_run_id`` makes the MLflow run a child (a sweep trial, a CV fold) and ``tags`` are
+    added to it; ``report_to_tune`` forwards validation results to the enclosing Tune trial.
     """
     import mlflow
     import ray
@@ -361,18 +407,22 @@ def fit(
         params.model.gene2vec = str(Path(params.model.gene2vec).resolve())  # workers' cwd differs
     if task == "finetune" and len(info.labels) < 2:
         raise TrainingError(f"{shards} has no cell-type labels: ingest with --label-key")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    from scbert_platform.cluster import start_ray
+
+    cluster_cpus = start_ray()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    check_resources(train, float(ray.cluster_resources().get("CPU", 0)))
+    check_resources(train, cluster_cpus)
 
-    held_out = [train.val_fold] if task == "finetune" else [train.pretrain_val_fold]
-    if task == "finetune" and train.test_fold >= 0:
-        held_out.append(train.test_fold)
-    folds = manifest["folds"]["counts"]
-    n_train = sum(n for fold, n in folds.items() if int(fold) not in held_out)
+    split = split or default_split(task, params)
+    n_cells = split.counts(shards)
+    if n_cells["train"] == 0 or n_cells["val"] == 0:
+        raise TrainingError(
+            f"the split ({split.describe()}) leaves {n_cells['train']} training and "
+            f"{n_cells['val']} validation cells in {shards}"
+        )
+    n_train = n_cells["train"]
     per_epoch = steps_per_epoch(n_train, train)
     total_steps = train.max_steps or per_epoch * train.epochs
     run_name = run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -401,6 +451,9 @@ def fit(
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / MLFLOW_RUN_FILE).write_text(run.info.run_id)
         if run_id is None:
+            if parent_run_id:
+                mlflow.set_tag("mlflow.parentRunId", parent_run_id)
+            mlflow.set_tags(tags or {})
             mlflow.log_params({k: v for k, v in params.flatten().items() if v is not None})
             mlflow.log_params(
                 {
@@ -409,8 +462,11 @@ def fit(
                     "from_scratch": from_scratch,
                     "total_steps": total_steps,
                     "shards": str(shards),
+                    "split": split.describe(),
+                    **{f"cells.{role}": n for role, n in n_cells.items()},
                 }
             )
+            mlflow.log_dict(split.to_dict(), "split.json")
             mlflow.set_tags(tracking.source_tags(shards / MANIFEST) | {"scbert.task": task})
             mlflow.log_dict(params.to_dict(), "params.yaml")
             mlflow.log_dict(tracking.system_info(), "system.json")
@@ -422,6 +478,7 @@ def fit(
             "init_from": str(Path(init_from).resolve()) if init_from else None,
             "from_scratch": from_scratch,
             "total_steps": total_steps,
+            "split": split.to_dict(),
             "mlflow_run_id": run.info.run_id,
             "tracking_uri": tracking.tracking_uri(),
             **(extra_config or {}),
@@ -438,15 +495,20 @@ def fit(
             scaling_config=ray.train.ScalingConfig(
                 num_workers=train.workers,
                 use_gpu=train.use_gpu,
-                resources_per_worker={"CPU": train.cpus_per_worker, **(worker_resources or {})},
+                resources_per_worker={
+                    "CPU": train.cpus_per_worker,
+                    **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
+                    **(worker_resources or {}),
+                },
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
                 storage_path=storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=[_tune_callback()] if report_to_tune else None,
             ),
-            datasets={"train": cell_dataset(shards, params.model.n_bins, exclude_folds=held_out)},
+            datasets={"train": cell_dataset(shards, params.model.n_bins, split=split)},
         )
         result = trainer.fit()
         if result.checkpoint is None:
@@ -467,9 +529,10 @@ def fit(
             }
             mlflow.log_metrics(chosen)
             metrics |= chosen
-        if task == "finetune" and train.test_fold >= 0:
-            metrics |= _log_test_evaluation(final / MODEL_DIR, shards, train.test_fold, params)
+        if task == "finetune" and split.has_test:
+            metrics |= _log_test_evaluation(final / MODEL_DIR, shards, split, params)
         mlflow.log_artifacts(str(final / MODEL_DIR), "model")
+        mlflow.set_tag(CHECKPOINT_TAG, str(final / MODEL_DIR))
         model_uri = None
         if task == "finetune":
             from scbert_platform.pyfunc import example_counts, log_pyfunc
@@ -488,7 +551,7 @@ def fit(
 
 
 def _log_test_evaluation(
-    model_dir: Path, shards: Path, fold: int, params: Params
+    model_dir: Path, shards: Path, split: CellSplit, params: Params
 ) -> dict[str, float]:
     """Evaluate the chosen checkpoint on the test fold (never the split that chose it)."""
     import mlflow
@@ -497,7 +560,9 @@ def _log_test_evaluation(
 
     bundle = load_pretrained(model_dir)
     assert bundle.labels is not None
-    batches = iter_local_batches(shards, params.model.n_bins, folds=[fold], batch_size=64)
+    batches = iter_local_batches(
+        shards, params.model.n_bins, split=split, role="test", batch_size=64
+    )
     flat, report = evaluate_classifier(
         bundle.model, batches, bundle.labels, device=torch.device("cpu"), prefix="test"
     )
@@ -507,13 +572,19 @@ def _log_test_evaluation(
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "confusion_matrix.png"
         confusion_matrix_png(
-            report["confusion_matrix"], bundle.labels, png, title=f"test fold {fold}"
+            report["confusion_matrix"], bundle.labels, png, title=_test_title(split)
         )
         mlflow.log_artifact(str(png), "evaluation")
     mlflow.log_text(report_markdown(report), "evaluation/test_report.md")
     mlflow.log_dict(json.loads(json.dumps(report, default=float)), "evaluation/test_report.json")
     print(report_markdown(report), file=sys.stderr)
     return flat
+
+
+def _test_title(split: CellSplit) -> str:
+    if split.test_batches:
+        return f"test dataset(s) {', '.join(split.test_batches)}"
+    return f"test fold {', '.join(str(f) for f in split.test_folds)}"
 
 
 def _metric_name(label: str) -> str:
