@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,
-# fine-tune), then the model at paper size and the fine-tuned model on real test-fold cells
+# fine-tune, sweep, 5-fold CV), then the model at paper size, the fine-tuned model on real
+# test-fold cells, and the CV run registered and promoted in the MLflow registry
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune
+	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
+		--sweep-report reports/sweep.md --cv-report reports/cv.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -7,6 +7,7 @@ then a verb's own flags (which are shorthands for ``--set``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "data.name": args.name,
             "data.panel": args.panel,
             "data.label_key": args.label_key,
+            "data.batch_key": args.batch_key,
             "data.layer": args.layer,
             "data.gene_id_column": args.gene_id_column,
             "data.use_raw": True if args.use_raw else None,
@@ -134,18 +136,119 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from scbert_tune.baselines import cross_validate, markdown
+    from scbert_tune.baselines import cross_validate as baseline_cv
+    from scbert_tune.baselines import markdown
 
-    if not args.baseline:
-        raise ValueError(
-            "scBERT's own cross-validation (one Ray Tune trial per fold) is not built yet; "
-            "--baseline logreg or --baseline knn runs the simple baselines on the same folds"
+    if args.skip_scbert:
+        if not args.baseline:
+            raise ValueError("--skip-scbert leaves nothing to run: add --baseline logreg|knn")
+        results = [baseline_cv(args.shards, kind) for kind in args.baseline]
+        print(markdown(results))
+        if args.metrics:
+            Path(args.metrics).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
+    from scbert_tune.cv import cross_validate
+
+    params = _params(args, {})
+    fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else None
+    with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's progress: stdout is the table
+        result = cross_validate(
+            args.shards,
+            params,
+            protocol=args.protocol,
+            **({"fractions": fractions} if fractions else {}),
+            novel_types=tuple(args.novel_type or ()),
+            threshold=args.threshold,
+            init_from=args.init_from,
+            from_scratch=args.from_scratch,
+            compare_from_scratch=args.compare_from_scratch,
+            baselines=tuple(args.baseline or ()),
+            name=args.resume or args.name,
+            resume=bool(args.resume),
+            max_concurrent=args.max_concurrent,
+            trial_cpus=args.trial_cpus,
+            trial_gpus=args.trial_gpus,
         )
-    results = [cross_validate(args.shards, kind) for kind in args.baseline]
-    print(markdown(results))
+    print(result.markdown)
+    print(
+        f"\nMLflow parent run {result.parent_run_id} (experiment scbert-cv); register it with: "
+        f"scbert register {result.parent_run_id}",
+        file=sys.stderr,
+    )
     if args.metrics:
-        Path(args.metrics).write_text(json.dumps(results, indent=2) + "\n")
+        summary = {
+            "name": result.name,
+            "mlflow_run_id": result.parent_run_id,
+            "protocol": result.protocol,
+            "groups": [
+                {k: v for k, v in g.items() if k not in ("confusion_matrix", "chosen")}
+                for g in result.groups
+            ],
+        }
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from scbert_tune.sweep import SweepSpec, summary_markdown, sweep
+
+    params = _params(args, {})
+    spec = SweepSpec.load(args.spec) if args.spec else None
+    if spec is not None or args.search or args.num_samples or args.scheduler:
+        from scbert_tune.sweep import default_spec
+
+        spec = spec or default_spec(params)
+        spec.search = args.search or spec.search
+        spec.num_samples = args.num_samples or spec.num_samples
+        spec.scheduler = args.scheduler or spec.scheduler
+    with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's progress: stdout is the table
+        result = sweep(
+            args.shards,
+            params,
+            spec=spec,
+            name=args.resume or args.name,
+            resume=bool(args.resume),
+            init_from=args.init_from,
+            max_concurrent=args.max_concurrent,
+            trial_cpus=args.trial_cpus,
+            trial_gpus=args.trial_gpus,
+        )
+    metric = spec.metric if spec else "val/macro_f1"
+    print(summary_markdown(result.rows, result.keys, metric))
+    if result.best:
+        print(
+            f"\nbest trial {result.best['trial_id']}: {metric} {result.best['metric']:.4f}; "
+            f"its params: {result.directory / 'best_params.yaml'}",
+            file=sys.stderr,
+        )
+    print(f"MLflow parent run {result.parent_run_id} (experiment scbert-sweep)", file=sys.stderr)
+    if args.metrics:
+        summary = {
+            "name": result.name,
+            "mlflow_run_id": result.parent_run_id,
+            "best": {k: v for k, v in (result.best or {}).items() if k != "params"},
+            "trials": len(result.rows),
+        }
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return 0
+
+
+def _study_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--name", help="name of the study under train.storage_path")
+    sub.add_argument(
+        "--resume", metavar="NAME", help="continue an interrupted study (finished trials kept)"
+    )
+    sub.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
+    sub.add_argument(
+        "--trial-cpus", type=float, help="CPUs per trial, split over its train.workers"
+    )
+    sub.add_argument(
+        "--trial-gpus", type=float, help="GPUs per worker of a trial (fractional shares a GPU)"
+    )
+    sub.add_argument("--metrics", help="also write a summary JSON (for DVC)")
+    sub.add_argument("--init-from", help="pretrained checkpoint: our directory or a published .pth")
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -180,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--name", help="dataset name (data.name)")
     ingest.add_argument("--panel", help="gene panel: symbols file or Gene2vec text (data.panel)")
     ingest.add_argument("--label-key", help="obs column with cell-type labels (data.label_key)")
+    ingest.add_argument(
+        "--batch-key", help="obs column naming each cell's dataset or batch (data.batch_key)"
+    )
     ingest.add_argument("--layer", help="read counts from this layer (data.layer)")
     ingest.add_argument("--use-raw", action="store_true", help="read counts from .raw")
     ingest.add_argument("--gene-id-column", help="align genes by this var column")
@@ -220,16 +326,62 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub)
         sub.set_defaults(run=cmd_train)
 
-    cv = verbs.add_parser("cv", help="cross-validation on the shards' folds")
+    cv = verbs.add_parser(
+        "cv", help="cross-validation on the shards' folds (Ray Tune trials, MLflow parent run)"
+    )
     cv.add_argument("shards", help="an ingested shard directory")
+    cv.add_argument(
+        "--protocol",
+        choices=["folds", "reference-size", "leave-one-dataset-out", "novel-type"],
+        default="folds",
+        help="folds (default); reference-size; leave-one-dataset-out (needs ingest "
+        "--batch-key); novel-type (needs --novel-type)",
+    )
+    cv.add_argument(
+        "--fractions", help="reference-size: fractions of the reference, e.g. 0.1,0.3,0.5,0.7,0.9"
+    )
+    cv.add_argument(
+        "--novel-type",
+        action="append",
+        metavar="LABEL",
+        help="novel-type: a cell type held out of training (repeatable; 'each': every type "
+        "in turn)",
+    )
+    cv.add_argument(
+        "--threshold", type=float, default=0.5, help="novel-type: Unassigned below this probability"
+    )
+    cv.add_argument(
+        "--from-scratch", action="store_true", help="no pretrained weights, everything trained"
+    )
+    cv.add_argument(
+        "--compare-from-scratch",
+        action="store_true",
+        help="also run every fold from scratch and report both (paper Extended Data Fig. 1a)",
+    )
     cv.add_argument(
         "--baseline",
         action="append",
         choices=["logreg", "knn"],
-        help="a scikit-learn baseline on the same folds and input (repeatable)",
+        help="add a scikit-learn baseline on the same folds and input (repeatable)",
     )
-    cv.add_argument("--metrics", help="also write the results as JSON")
+    cv.add_argument(
+        "--skip-scbert", action="store_true", help="run only the --baseline models (seconds)"
+    )
+    _study_flags(cv)
+    _common(cv)
     cv.set_defaults(run=cmd_cv)
+
+    sw = verbs.add_parser(
+        "sweep", help="Ray Tune sweep (default: the paper's bin/depth/head/dim grid and lr)"
+    )
+    sw.add_argument("shards", help="an ingested shard directory")
+    sw.add_argument("--spec", help="a sweep spec YAML (space, search, scheduler; see docs)")
+    sw.add_argument("--search", choices=["grid", "random", "optuna", "hyperopt"])
+    sw.add_argument("--num-samples", type=int, help="samples (grid: repeats of the grid)")
+    sw.add_argument("--scheduler", choices=["asha", "fifo"], help="ASHA early stopping or none")
+    _study_flags(sw)
+    _common(sw)
+    sw.set_defaults(run=cmd_sweep)
 
     reg = verbs.add_parser("register", help="register a fine-tuning run's model (challenger)")
     reg.add_argument("run_id", help="the MLflow run id of a scbert finetune run")
@@ -281,8 +433,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"scbert {args.verb}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _interrupted(args.verb)
+    except SystemError as err:
+        # Ctrl-C inside compiled code (numba in scanpy's normalisation) surfaces as a SystemError
+        # whose cause is the KeyboardInterrupt
+        if isinstance(err.__cause__ or err.__context__, KeyboardInterrupt):
+            return _interrupted(args.verb)
+        raise
+
+
+def _interrupted(verb: str) -> int:
+    if verb in ("sweep", "cv"):
+        what = "finished trials are kept: continue with --resume and the name printed above"
+    elif verb in ("pretrain", "finetune"):
+        what = "continue from the last checkpoint with --resume and the run name printed above"
+    else:
+        what = "nothing was written"
+    print(f"scbert {verb}: interrupted; {what}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

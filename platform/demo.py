@@ -1,10 +1,13 @@
-"""The main job's last step: scBERT at paper size (parameter count, one forward pass), then the
-pipeline's fine-tuned model annotating real test-fold cells (``data/cells/pbmc68k``)."""
+"""The main job's last step: scBERT at paper size (parameter count, one forward pass), the
+pipeline's fine-tuned model annotating real test-fold cells (``data/cells/pbmc68k``), then the
+sweep and cross-validation tables, and the CV run registered and promoted past the gate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=10, help="cell types of the classifier head")
     parser.add_argument("--cells-dir", help="ingested shards: also annotate their test-fold cells")
     parser.add_argument("--model", help="a fine-tuned checkpoint directory for --cells-dir")
+    parser.add_argument("--sweep-report", help="the sweep stage's table (reports/sweep.md)")
+    parser.add_argument(
+        "--cv-report", help="the cv stage's summary (reports/cv.json): registered and promoted"
+    )
     args = parser.parse_args(argv)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
@@ -65,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max class probability per cell (random weights): {proba.max(dim=1).values.tolist()}")
     if args.cells_dir and args.model:
         run_on_shards(args.cells_dir, args.model, n_cells=max(args.cells, 8))
+    if args.sweep_report:
+        print(f"\nsweep (reports/sweep.md):\n{Path(args.sweep_report).read_text()}")
+    if args.cv_report:
+        register_and_promote(Path(args.cv_report))
 
 
 def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0) -> None:
@@ -94,6 +105,39 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
     )
     for true, guess, p in zip(truth, predicted, proba.max(dim=1).values.tolist(), strict=True):
         print(f"  {'ok ' if true == guess else 'x  '}{true:30} -> {guess} ({p:.2f})")
+
+
+def register_and_promote(cv_report: Path) -> None:
+    """Register the CV run's model (once per run) and promote it if it passes the gate; a
+    refusal is reported, not an error: the gate doing its job is part of the demo."""
+    from scbert_platform.tracking import tracking_uri
+    from scbert_tune.registry import CHAMPION, GateRefused, promote, register, registry_client
+
+    summary = json.loads(cv_report.read_text())
+    markdown = cv_report.with_suffix(".md")
+    if markdown.is_file():
+        print(f"\n5-fold cross-validation on real cells ({markdown}):\n{markdown.read_text()}")
+    run_id = summary["mlflow_run_id"]
+    client = registry_client()
+    existing = client.search_model_versions(f"run_id = '{run_id}'")
+    if existing:
+        name, version = existing[0].name, existing[0].version
+        print(f"CV run {run_id} is already {name} version {version}")
+    else:
+        move = register(run_id)
+        name, version = move.name, move.version
+        print(f"registered CV run {run_id} as {name} version {version} (alias challenger)")
+    try:
+        move = promote(name)
+        print(f"promoted: {name} version {move.version} is the {CHAMPION} ({move.reason})")
+    except GateRefused as refused:
+        print(f"not promoted (the gate refused): {refused}")
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    print(
+        f"{name}@{CHAMPION} = version {champion.version}, cv/macro_f1 "
+        f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}; browse it with: "
+        f"mlflow ui --backend-store-uri {tracking_uri()}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,6 @@ PANEL = [f"G{i}" for i in range(24)]
 LABELS = ["B", "NK", "T"]
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def finetuned_run(
     workdir: Path, macro_f1: float | None, *, seed: int = 0, manifest: str = "m1", panel: str = "p1"
 ) -> str:
@@ -58,9 +51,9 @@ def finetuned_run(
 
 
 def version_of(alias: str) -> Any:
-    from scbert_tune.registry import _client
+    from scbert_tune.registry import registry_client
 
-    return _client().get_model_version_by_alias("scbert-toy", alias)
+    return registry_client().get_model_version_by_alias("scbert-toy", alias)
 
 
 def test_register_promote_refuse_force_and_rollback(workdir: Path) -> None:

@@ -13,43 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_params
 
 from scbert import load_pretrained
 from scbert_platform.ingest import read_manifest
-from scbert_platform.params import ModelParams, Params, TrainParams
+from scbert_platform.params import TrainParams
 from scbert_platform.train_ray import TrainingError, check_resources, fit
 
 pytestmark = pytest.mark.ray
-
-
-def tiny_params(storage: Path, **train: Any) -> Params:
-    params = Params()
-    params.model = ModelParams(
-        dim=16, depth=1, heads=2, dim_head=8, nb_features=16, gene_embedding="learned"
-    )
-    params.data.shuffle_buffer = 128
-    defaults: dict[str, Any] = {
-        "batch_size": 16,
-        "grad_accum": 1,
-        "max_steps": 8,
-        "ckpt_every": 4,
-        "val_every": 4,
-        "log_every": 2,
-        "lr": 1e-3,
-        "schedule": "constant",
-        "storage_path": str(storage),
-        "cpus_per_worker": 0.5,
-    }
-    params.train = TrainParams(**(defaults | train))
-    return params
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """MLflow's embedded defaults (mlruns.db, mlartifacts/) land in a fresh directory."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def mlflow_run(workdir: Path, run_id: str) -> tuple[Any, Any]:

@@ -43,7 +43,7 @@ class AliasMove:
     reason: str
 
 
-def _client() -> Any:
+def registry_client() -> Any:
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -55,7 +55,7 @@ def _client() -> Any:
 
 def register(run_id: str, *, name: str | None = None) -> AliasMove:
     """Register the run's pyfunc model as a new version and move ``challenger`` to it."""
-    client = _client()
+    client = registry_client()
     run = client.get_run(run_id)
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
@@ -168,7 +168,7 @@ def promote(
     force_reason: str | None = None,
 ) -> AliasMove:
     """Move ``champion`` to the challenger if the gate passes (or ``force_reason`` is given)."""
-    client = _client()
+    client = registry_client()
     challenger = _alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise GateRefused(f"{name} has no {CHALLENGER}: scbert register a run first")
@@ -194,7 +194,7 @@ def promote(
 
 def rollback(name: str) -> AliasMove:
     """Move ``champion`` back to the version the current champion replaced."""
-    client = _client()
+    client = registry_client()
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
         raise GateRefused(f"{name} has no {CHAMPION} to roll back")

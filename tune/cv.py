@@ -1,0 +1,458 @@
+"""``scbert cv``: scBERT's cross-validation, one Ray Tune trial (a Ray Train run) per held-out
+part, in parallel as resources allow, under one MLflow parent run.
+
+Protocols (``--protocol``), after the paper:
+
+- ``folds`` (default): each of the ingest's stratified folds in turn is the test set; the model
+  trains on the other folds, with an inner validation split (``train.val_fraction`` of them, by a
+  seeded hash of the cell id) for early stopping and the choice of checkpoint.
+- ``reference-size`` (paper Fig. 2d): the same, training on only a fraction of the reference
+  (``--fractions``, 10-90%), one group of folds per fraction.
+- ``leave-one-dataset-out`` (inter-dataset, paper Fig. 3): each dataset of the shards' ``batch``
+  column (``scbert ingest --batch-key``) in turn is the test set.
+- ``novel-type`` (paper Fig. 4): the ``--novel-type`` cell types are never trained on; in each test
+  fold a cell is Unassigned when its top probability over the known types is below
+  ``--threshold``. Reported: known-type accuracy (correct and assigned, over the known-type
+  cells) and the paper's strict novel-type accuracy: of the cells that are truly novel or
+  predicted Unassigned, the fraction that are both.
+
+Each fold's model is evaluated on its test cells (never on the cells that chose its checkpoint);
+the report gives mean ± std over the folds of accuracy and macro F1, per-class F1, and the
+confusion matrix summed over the folds (every labelled cell tested once).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scbert_platform.cluster import start_ray
+from scbert_platform.params import Params
+from scbert_platform.splits import CellSplit
+from scbert_platform.train_ray import TrainingError
+from scbert_tune.trials import (
+    Study,
+    child_runs,
+    close_stopped_children,
+    concurrency,
+    parent_run,
+    running,
+    set_trial_resources,
+    tuner,
+)
+
+PROTOCOLS = ("folds", "reference-size", "leave-one-dataset-out", "novel-type")
+DEFAULT_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+PRETRAINED, SCRATCH = "scBERT", "scBERT (from scratch)"
+
+
+def plan(
+    shards: str | Path,
+    params: Params,
+    *,
+    protocol: str = "folds",
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    novel_types: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """The trials of a protocol: ``{"group", "held_out", "split"}`` each."""
+    from scbert_platform.ingest import read_manifest
+
+    manifest = read_manifest(shards)
+    labels = list(manifest["labels"]["counts"])
+    n_folds = int(manifest["folds"]["n_folds"])
+    train = params.train
+    if not 0 < train.val_fraction < 1:
+        raise ValueError(f"train.val_fraction must be between 0 and 1, got {train.val_fraction}")
+
+    def fold_trials(group: str, **rules: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "group": group,
+                "held_out": f"fold {k}",
+                "split": CellSplit(
+                    test_folds=(k,), val_fraction=train.val_fraction, seed=train.seed, **rules
+                ).to_dict(),
+            }
+            for k in range(n_folds)
+        ]
+
+    if protocol == "folds":
+        return fold_trials("all")
+    if protocol == "reference-size":
+        if not fractions or not all(0 < f <= 1 for f in fractions):
+            raise ValueError(f"--fractions must be in (0, 1], got {list(fractions)}")
+        return [
+            t for f in fractions for t in fold_trials(f"reference {f:.0%}", train_fraction=float(f))
+        ]
+    if protocol == "leave-one-dataset-out":
+        batches = manifest.get("batches")
+        if not batches:
+            raise ValueError(
+                f"{shards} records no datasets: ingest the concatenated datasets with "
+                "--batch-key (e.g. the column anndata.concat(..., label=...) wrote)"
+            )
+        names = sorted(batches["counts"])
+        if len(names) < 2:
+            raise ValueError(f"leave-one-dataset-out needs 2 or more datasets, found {names}")
+        return [
+            {
+                "group": "all",
+                "held_out": name,
+                "split": CellSplit(
+                    test_batches=(name,), val_fraction=train.val_fraction, seed=train.seed
+                ).to_dict(),
+            }
+            for name in names
+        ]
+    if protocol == "novel-type":
+        if not novel_types:
+            raise ValueError("--protocol novel-type needs --novel-type LABEL (or 'each')")
+        groups = [(t,) for t in labels] if novel_types == ("each",) else [novel_types]
+        unknown = sorted({t for g in groups for t in g} - set(labels))
+        if unknown:
+            raise ValueError(f"--novel-type {unknown} not among the cell types {labels}")
+        if any(len(set(labels) - set(g)) < 2 for g in groups):
+            raise ValueError("novel-type evaluation needs 2 or more known cell types left")
+        return [t for g in groups for t in fold_trials(f"novel: {', '.join(g)}", exclude_labels=g)]
+    raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+
+
+@dataclass
+class CvResult:
+    name: str
+    parent_run_id: str
+    protocol: str
+    groups: list[dict[str, Any]]  # one per (model, group): means, stds, per-fold, per-class
+    markdown: str
+    directory: Path
+
+
+def cross_validate(
+    shards: str | Path,
+    params: Params,
+    *,
+    protocol: str = "folds",
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+    novel_types: tuple[str, ...] = (),
+    threshold: float = 0.5,
+    init_from: str | None = None,
+    from_scratch: bool = False,
+    compare_from_scratch: bool = False,
+    baselines: tuple[str, ...] = (),
+    name: str | None = None,
+    resume: bool = False,
+    max_concurrent: int | None = None,
+    trial_cpus: float | None = None,
+    trial_gpus: float | None = None,
+) -> CvResult:
+    """Run (or, ``resume``, continue) a cross-validation; everything is logged to the parent run
+    and ``markdown`` holds the tables."""
+    shards = Path(shards)
+    params = Params.from_dict(params.to_dict())
+    set_trial_resources(params, trial_cpus, trial_gpus)
+    if from_scratch and init_from:
+        raise ValueError("give --init-from (pretrained) or --from-scratch, not both")
+    if compare_from_scratch and not init_from:
+        raise ValueError("--compare-from-scratch compares against --init-from: give both")
+    if not 0 < threshold < 1:
+        raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
+    trials = plan(shards, params, protocol=protocol, fractions=fractions, novel_types=novel_types)
+    variants = [SCRATCH if from_scratch else PRETRAINED] + (
+        [SCRATCH] if compare_from_scratch else []
+    )
+    items = [t | {"variant": v, "from_scratch": v == SCRATCH} for v in variants for t in trials]
+    for item in items:
+        item["tags"] = {"cv_group": item["group"], "cv_held_out": item["held_out"]}
+        item["tags"]["cv_variant"] = item["variant"]
+    name = name or f"cv-{time.strftime('%Y%m%d-%H%M%S')}"
+    study = Study("cv", name, shards, params, init_from=init_from, from_scratch=from_scratch)
+    cluster_cpus = start_ray()
+    parallel = concurrency(params, cluster_cpus, max_concurrent)
+    parent = parent_run(
+        study,
+        resume,
+        {
+            "protocol": protocol,
+            "trials": len(items),
+            "variants": ", ".join(variants),
+            "init_from": init_from or "",
+            "threshold": threshold,
+            "novel_types": ", ".join(novel_types),
+            "fractions": ", ".join(f"{f:g}" for f in fractions)
+            if protocol == "reference-size"
+            else "",
+            "max_concurrent": parallel,
+        },
+    )
+    print(
+        f"cv {name}: {protocol}, {len(items)} trial(s) ({', '.join(variants)}), {parallel} at "
+        f"once; MLflow parent run {parent}" + (" (resumed)" if resume else ""),
+        file=sys.stderr,
+    )
+    from ray import tune
+
+    with running(parent):
+        grid = tuner(
+            study,
+            parent,
+            param_space={"trial": tune.grid_search(items)},
+            resume=resume,
+            max_concurrent=parallel,
+        ).fit()
+        failed = {}
+        for result in grid:
+            if result.error is not None:
+                failed[Path(result.path).name] = f"error: {type(result.error).__name__}"
+        close_stopped_children(parent, failed)
+        if failed:
+            raise TrainingError(
+                f"{len(failed)} of {len(items)} trials failed ({sorted(failed)}); fix the cause "
+                f"and continue with --resume {name} (finished trials are kept)"
+            )
+        runs = child_runs(parent)
+        evaluated = [_evaluate_trial(result, runs, shards, threshold) for result in grid]
+        groups = _aggregate(evaluated, protocol)
+        baseline_groups = _baselines(shards, baselines, protocol, params.data.seed)
+        text = report_markdown(groups + baseline_groups, protocol, threshold)
+        _log_parent(study, parent, groups + baseline_groups, protocol, text)
+    return CvResult(name, parent, protocol, groups + baseline_groups, text, study.directory)
+
+
+def _evaluate_trial(
+    result: Any, runs: dict[str, Any], shards: Path, threshold: float
+) -> dict[str, Any]:
+    """The fold model's predictions on its test cells (loaded from the trial's checkpoint)."""
+    import torch
+
+    from scbert import load_pretrained
+    from scbert_platform.loader import iter_local_batches
+    from scbert_platform.train_ray import CHECKPOINT_TAG
+    from scbert_platform.training import predict
+
+    item = result.config["trial"]
+    trial_id = Path(result.path).name
+    run = runs.get(trial_id)
+    if run is None or CHECKPOINT_TAG not in run.data.tags:
+        raise TrainingError(f"trial {trial_id} has no MLflow run with a model checkpoint")
+    bundle = load_pretrained(run.data.tags[CHECKPOINT_TAG])
+    assert bundle.labels is not None
+    split = CellSplit.from_dict(item["split"])
+    n_bins = bundle.model.config.n_bins
+    batches = iter_local_batches(shards, n_bins, split=split, role="test", batch_size=64)
+    y_true, proba = predict(bundle.model, batches, device=torch.device("cpu"))
+    return {
+        "variant": item["variant"],
+        "group": item["group"],
+        "held_out": item["held_out"],
+        "trial_id": trial_id,
+        "run_id": run.info.run_id,
+        "model_uri": run.data.tags.get("scbert.model_uri"),
+        "val_macro_f1": run.data.metrics.get("val/best_macro_f1"),
+        "labels": bundle.labels,
+        "excluded": list(split.exclude_labels),
+        "y_true": y_true,
+        "proba": proba,
+        "threshold": threshold,
+    }
+
+
+def novel_type_scores(
+    y_true: np.ndarray, proba: np.ndarray, labels: list[str], novel: list[str], threshold: float
+) -> dict[str, float]:
+    """Known-type accuracy and the strict novel-type accuracy (see the module docstring).
+
+    The novel types' probabilities are dropped and the rest renormalised, so a prediction is
+    always a known type or Unassigned."""
+    novel_ids = [labels.index(t) for t in novel]
+    known = np.ones(len(labels), dtype=bool)
+    known[novel_ids] = False
+    p = proba[:, known]
+    p = p / p.sum(axis=1, keepdims=True).clip(min=1e-12)
+    predicted = np.flatnonzero(known)[p.argmax(axis=1)]
+    unassigned = p.max(axis=1) < threshold
+    is_novel = np.isin(y_true, novel_ids)
+    is_known = ~is_novel & (y_true >= 0)
+    correct = (predicted == y_true) & ~unassigned
+    union = is_novel | unassigned
+    return {
+        "known_accuracy": float(correct[is_known].mean()) if is_known.any() else float("nan"),
+        "novel_accuracy": float((is_novel & unassigned).sum() / union.sum())
+        if union.any()
+        else float("nan"),
+        "novel_recall": float(unassigned[is_novel].mean()) if is_novel.any() else float("nan"),
+        "known_unassigned": float(unassigned[is_known].mean()) if is_known.any() else float("nan"),
+        "n_novel": int(is_novel.sum()),
+    }
+
+
+def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+    from scbert_platform.metrics import classification_report
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in evaluated:
+        groups.setdefault((e["variant"], e["group"]), []).append(e)
+    out = []
+    for (variant, group), members in groups.items():
+        members.sort(key=lambda e: str(e["held_out"]))
+        labels = members[0]["labels"]
+        confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+        folds, per_class_f1 = [], {label: [] for label in labels}
+        for e in members:
+            labelled = e["y_true"] >= 0
+            y_true, proba = e["y_true"][labelled], e["proba"][labelled]
+            pred = proba.argmax(axis=1)
+            if e["excluded"]:  # a novel type is never predicted: drop it, as in the scores
+                allowed = np.array([label not in e["excluded"] for label in labels])
+                pred = np.flatnonzero(allowed)[proba[:, allowed].argmax(axis=1)]
+            report = classification_report(y_true, pred, labels)
+            confusion += np.asarray(report["confusion_matrix"])
+            fold = {
+                "held_out": e["held_out"],
+                "n": report["n"],
+                "accuracy": report["accuracy"],
+                "macro_f1": report["macro_f1"],
+                "val_macro_f1": e["val_macro_f1"],
+                "run_id": e["run_id"],
+            }
+            if e["excluded"]:
+                fold |= novel_type_scores(y_true, proba, labels, e["excluded"], e["threshold"])
+            for label, scores in report["per_class"].items():
+                if scores["support"] > 0:
+                    per_class_f1[label].append(scores["f1"])
+            folds.append(fold)
+        summary: dict[str, Any] = {
+            "model": variant,
+            "group": group,
+            "folds": folds,
+            "labels": labels,
+            "confusion_matrix": confusion.tolist(),
+            "per_class_f1": {k: float(np.mean(v)) for k, v in per_class_f1.items() if v},
+        }
+        keys = ["accuracy", "macro_f1"]
+        if protocol == "novel-type":
+            keys += ["known_accuracy", "novel_accuracy", "novel_recall", "known_unassigned"]
+        for key in keys:
+            values = np.array([f[key] for f in folds], dtype=float)
+            values = values[~np.isnan(values)]
+            summary[f"{key}_mean"] = float(values.mean()) if values.size else float("nan")
+            summary[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+        best = max(folds, key=lambda f: f["val_macro_f1"] or -1.0)
+        summary["chosen"] = next(e for e in members if e["run_id"] == best["run_id"])["model_uri"]
+        summary["chosen_run_id"] = best["run_id"]
+        out.append(summary)
+    return out
+
+
+def _baselines(
+    shards: Path, kinds: tuple[str, ...], protocol: str, seed: int
+) -> list[dict[str, Any]]:
+    from scbert_tune.baselines import cross_validate as baseline_cv
+
+    if kinds and protocol != "folds":
+        print(f"note: baselines run on the folds protocol only, not {protocol}", file=sys.stderr)
+        return []
+    out = []
+    for kind in kinds:
+        result = baseline_cv(shards, kind, seed=seed)
+        result["group"] = "all"
+        result["per_class_f1"] = {}
+        out.append(result)
+    return out
+
+
+def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: float) -> str:
+    """The CV table (mean ± std over the folds), and per-class F1 of the scBERT models."""
+    novel = protocol == "novel-type"
+    head = ["model", "" if protocol == "folds" else "group", "folds", "accuracy", "macro F1"]
+    if novel:
+        head += ["known-type accuracy", f"novel accuracy (strict, threshold {threshold:g})"]
+    if protocol == "folds":
+        head.pop(1)
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for g in groups:
+        cells = [g["model"]] + ([] if protocol == "folds" else [g["group"]])
+        cells += [str(len(g["folds"])), _pm(g, "accuracy"), _pm(g, "macro_f1")]
+        if novel:
+            cells += [_pm(g, "known_accuracy"), _pm(g, "novel_accuracy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    scbert = [g for g in groups if g["per_class_f1"]]
+    if scbert:
+        lines += ["", "Per-class F1 (mean over the folds where the type is tested):", ""]
+        names = [
+            f"{g['model']}" + ("" if protocol == "folds" else f" {g['group']}") for g in scbert
+        ]
+        lines.append("| cell type | " + " | ".join(names) + " |")
+        lines.append("| --- |" + " ---: |" * len(names))
+        for label in scbert[0]["labels"]:
+            row = [
+                f"{g['per_class_f1'][label]:.3f}" if label in g["per_class_f1"] else "-"
+                for g in scbert
+            ]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _pm(group: dict[str, Any], key: str) -> str:
+    mean, std = group.get(f"{key}_mean"), group.get(f"{key}_std")
+    if mean is None or np.isnan(mean):
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _metric_key(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text).replace(" ", "_")
+
+
+def _log_parent(
+    study: Study,
+    parent: str,
+    groups: list[dict[str, Any]],
+    protocol: str,
+    text: str,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from scbert_platform.metrics import confusion_matrix_png
+    from scbert_platform.tracking import MODEL_URI_TAG, tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    main = groups[0]  # the first variant's first group: what the registry gate reads
+    for g in groups:
+        prefix = "cv" if g is main else f"cv/{_metric_key(g['model'])}"
+        if g["group"] != "all":
+            prefix += f"/{_metric_key(g['group'])}"
+        for key in ("accuracy", "macro_f1", "known_accuracy", "novel_accuracy", "novel_recall"):
+            if f"{key}_mean" in g and not np.isnan(g[f"{key}_mean"]):
+                client.log_metric(parent, f"{prefix}/{key}", g[f"{key}_mean"])
+                client.log_metric(parent, f"{prefix}/{key}_std", g[f"{key}_std"])
+        if g is main:
+            for label, f1 in g["per_class_f1"].items():
+                client.log_metric(parent, f"cv/f1/{_metric_key(label)}", f1)
+    if protocol == "folds" and main.get("chosen"):
+        client.set_tag(parent, MODEL_URI_TAG, main["chosen"])
+        client.set_tag(parent, "scbert.cv_model_run_id", main["chosen_run_id"])
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"cv_report.md": text + "\n"}
+        results = [{k: v for k, v in g.items() if k != "chosen"} for g in groups]
+        files["cv_results.json"] = json.dumps(results, indent=2, default=float) + "\n"
+        for name, content in files.items():
+            (Path(tmp) / name).write_text(content)
+        for i, g in enumerate(x for x in groups if x["per_class_f1"]):
+            png = Path(tmp) / ("confusion_matrix.png" if i == 0 else f"confusion_matrix_{i}.png")
+            confusion_matrix_png(
+                g["confusion_matrix"],
+                g["labels"],
+                png,
+                title=f"{g['model']} {'' if g['group'] == 'all' else g['group']}: "
+                f"summed over {len(g['folds'])} held-out sets",
+            )
+        for file in Path(tmp).iterdir():
+            client.log_artifact(parent, str(file))
+            (study.directory / file.name).write_bytes(file.read_bytes())
