@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from scbert.atomic import interrupted, note_interrupts
     from scbert_platform.ingest import IngestError
     from scbert_platform.panel import PanelError
     from scbert_platform.train_ray import TrainingError
@@ -418,8 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    if threading.current_thread() is threading.main_thread():
+        note_interrupts()
     try:
-        return run(args)
+        code = run(args)
+        return _interrupted(args.verb) if interrupted() else code
     except (
         IngestError,
         ParamsError,

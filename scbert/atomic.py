@@ -8,11 +8,39 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+_INTERRUPTED = threading.Event()
+
+
+def note_interrupts() -> None:
+    """Remember every Ctrl-C (SIGINT), then raise KeyboardInterrupt as Python does. A library can
+    swallow that exception (one raised inside a finaliser or a callback is only printed); the
+    commit of an atomic write then still refuses to replace the target. Call it once, from the
+    main thread of a command-line program."""
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C arrived since ``note_interrupts`` (even one a library swallowed)."""
+    return _INTERRUPTED.is_set()
+
+
+def _refuse_if_interrupted() -> None:
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def _umask() -> int:
@@ -34,6 +62,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     try:
         staging.chmod(0o777 & ~_umask())
         yield staging
+        _refuse_if_interrupted()
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -59,6 +88,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield staging
+        _refuse_if_interrupted()
         os.replace(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)
