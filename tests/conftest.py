@@ -185,3 +185,23 @@ def write_tenx_h5(adata: Any, path: Path) -> Path:
         features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
         features["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
     return path
+
+
+def write_tenx_mtx(adata: Any, folder: Path) -> Path:
+    """A Cell Ranger v3 matrix folder of ``adata``'s counts: genes x cells matrix.mtx.gz,
+    features.tsv.gz, barcodes.tsv.gz (no per-cell metadata)."""
+    import gzip
+
+    import numpy as np
+    import scipy.io
+    import scipy.sparse as sp
+
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as handle:
+        scipy.io.mmwrite(handle, sp.coo_matrix(adata.X.T).astype(np.int64), field="integer")
+    features = [f"ENSG{j:011d}\t{g}\tGene Expression" for j, g in enumerate(adata.var_names)]
+    with gzip.open(folder / "features.tsv.gz", "wt") as handle:
+        handle.write("\n".join(features) + "\n")
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as handle:
+        handle.write("\n".join(adata.obs_names) + "\n")
+    return folder

@@ -5,7 +5,6 @@ folds are as before."""
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 from glob import glob
@@ -18,9 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import scipy.io
 import scipy.sparse as sp
-from conftest import write_tenx_h5
+from conftest import write_tenx_h5, write_tenx_mtx
 
 from scbert_platform.ingest import IngestError, ingest, read_manifest
 from scbert_platform.params import DataParams
@@ -240,16 +238,7 @@ def tenx_h5(folder: Path) -> Path:
 
 def tenx_mtx(folder: Path) -> Path:
     """Cell Ranger v3 matrix folder: no per-cell metadata."""
-    path = folder / "filtered_feature_bc_matrix"
-    path.mkdir()
-    with gzip.open(path / "matrix.mtx.gz", "wb") as handle:
-        scipy.io.mmwrite(handle, sp.coo_matrix(COMBINED.X.T).astype(np.int64), field="integer")
-    features = [f"ENSG{j:011d}\t{g}\tGene Expression" for j, g in enumerate(COMBINED.var_names)]
-    with gzip.open(path / "features.tsv.gz", "wt") as handle:
-        handle.write("\n".join(features) + "\n")
-    with gzip.open(path / "barcodes.tsv.gz", "wt") as handle:
-        handle.write("\n".join(COMBINED.obs_names) + "\n")
-    return path
+    return write_tenx_mtx(COMBINED, folder / "filtered_feature_bc_matrix")
 
 
 @pytest.mark.parametrize(

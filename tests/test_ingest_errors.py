@@ -4,7 +4,6 @@ was, no ``.<name>.tmp-*`` staging directory beside it)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import subprocess
 import sys
@@ -19,9 +18,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import scanpy as sc
-import scipy.io
 import scipy.sparse as sp
-from conftest import write_tenx_h5
+from conftest import write_tenx_h5, write_tenx_mtx
 
 import scbert_platform.ingest as ingest_module
 from scbert_platform.ingest import IngestError, ingest, read_manifest
@@ -70,15 +68,7 @@ def write_h5ad(adata: anndata.AnnData, path: Path) -> Path:
 
 def write_10x_mtx(adata: anndata.AnnData, folder: Path) -> Path:
     """Cell Ranger v3 matrix folder: genes x cells matrix.mtx.gz, features.tsv.gz, barcodes."""
-    folder.mkdir()
-    with gzip.open(folder / "matrix.mtx.gz", "wb") as handle:
-        scipy.io.mmwrite(handle, sp.coo_matrix(adata.X.T).astype(np.int64), field="integer")
-    features = [f"ENSG{j:011d}\t{g}\tGene Expression" for j, g in enumerate(adata.var_names)]
-    with gzip.open(folder / "features.tsv.gz", "wt") as handle:
-        handle.write("\n".join(features) + "\n")
-    with gzip.open(folder / "barcodes.tsv.gz", "wt") as handle:
-        handle.write("\n".join(adata.obs_names) + "\n")
-    return folder
+    return write_tenx_mtx(adata, folder)
 
 
 def write_panel(path: Path, genes: list[str]) -> Path:
