@@ -568,7 +568,7 @@ def _log_test_evaluation(
     )
     mlflow.log_metrics(flat)
     for label, scores in report["per_class"].items():
-        mlflow.log_metric(f"test/f1/{_metric_name(label)}", scores["f1"])
+        mlflow.log_metric(f"test/f1/{metric_name(label)}", scores["f1"])
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "confusion_matrix.png"
         confusion_matrix_png(
@@ -587,6 +587,6 @@ def _test_title(split: CellSplit) -> str:
     return f"test fold {', '.join(str(f) for f in split.test_folds)}"
 
 
-def _metric_name(label: str) -> str:
+def metric_name(label: str) -> str:
     """MLflow metric names allow letters, digits, _ - . / and spaces."""
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in label)

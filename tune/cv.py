@@ -36,7 +36,7 @@ import numpy as np
 from scbert_platform.cluster import start_ray
 from scbert_platform.params import Params
 from scbert_platform.splits import CellSplit
-from scbert_platform.train_ray import TrainingError
+from scbert_platform.train_ray import TrainingError, metric_name
 from scbert_tune.trials import (
     Study,
     child_runs,
@@ -407,7 +407,7 @@ def _pm(group: dict[str, Any], key: str) -> str:
 
 
 def _metric_key(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in text).replace(" ", "_")
+    return metric_name(text).replace(" ", "_")
 
 
 def _log_parent(
