@@ -416,19 +416,12 @@ def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> s
     """Rows of the input, validated; log-normalised input is inverted to normalised values."""
     x = sp.csr_matrix(rows(spec.start, spec.stop), dtype=np.float64)
     x.sum_duplicates()
-    bad = ~np.isfinite(x.data)
-    if bad.any():
-        raise IngestError(
-            f"{int(bad.sum())} NaN/inf values in cells {spec.start}..{spec.stop - 1} "
-            f"(first in cell {_cell_of(x, spec, np.flatnonzero(bad)[0])!r}): "
-            "fix or drop those cells before ingesting"
-        )
-    if (x.data < 0).any():
-        first = _cell_of(x, spec, np.flatnonzero(x.data < 0)[0])
-        raise IngestError(
-            f"negative values in cell {first!r}: counts must be >= 0 (scaled or "
-            "batch-corrected data cannot be ingested; use raw counts, e.g. --layer counts)"
-        )
+    check_counts(
+        x,
+        lambda entry: _cell_of(x, spec, entry),
+        integers=not spec.input_normalized,
+        where=f" in cells {spec.start}..{spec.stop - 1}",
+    )
     if spec.input_normalized:
         if x.nnz and np.all(x.data == np.round(x.data)):
             raise IngestError(
@@ -437,15 +430,48 @@ def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> s
                 "(it is for log1p of normalised counts)"
             )
         x.data = np.expm1(x.data) if spec.log_base is None else np.power(spec.log_base, x.data) - 1
-    elif x.nnz and not np.all(x.data == np.round(x.data)):
-        first = np.flatnonzero(x.data != np.round(x.data))[0]
-        raise IngestError(
-            f"non-integer value {x.data[first]:.4g} in cell {_cell_of(x, spec, first)!r}: "
-            "ingest needs raw counts; for log-normalised data pass --input-normalized, or read "
-            "the counts from another matrix with --layer NAME or --use-raw"
-        )
     x.eliminate_zeros()
     return x
+
+
+INGEST_HINTS = {
+    "finite": "fix or drop those cells before ingesting",
+    "negative": "scaled or batch-corrected data cannot be ingested; use raw counts, e.g. "
+    "--layer counts",
+    "integer": "ingest needs raw counts; for log-normalised data pass --input-normalized, or "
+    "read the counts from another matrix with --layer NAME or --use-raw",
+}
+
+
+def check_counts(
+    x: sp.csr_matrix,
+    cell_of: Callable[[int], str],
+    *,
+    integers: bool = True,
+    where: str = "",
+    hints: dict[str, str] = INGEST_HINTS,
+) -> None:
+    """The raw-count rules of ingest (and of serving): every value finite, none negative and,
+    with ``integers``, all integers. ``cell_of(entry)`` names the cell of ``x.data[entry]``;
+    the error names the first offending cell and ends with ``hints`` for that rule."""
+    bad = ~np.isfinite(x.data)
+    if bad.any():
+        raise IngestError(
+            f"{int(bad.sum())} NaN/inf values{where} (first in cell "
+            f"{cell_of(int(np.flatnonzero(bad)[0]))!r}): {hints['finite']}"
+        )
+    negative = x.data < 0
+    if negative.any():
+        raise IngestError(
+            f"negative values in cell {cell_of(int(np.flatnonzero(negative)[0]))!r}: counts "
+            f"must be >= 0 ({hints['negative']})"
+        )
+    fractional = x.data != np.round(x.data)
+    if integers and fractional.any():
+        first = int(np.flatnonzero(fractional)[0])
+        raise IngestError(
+            f"non-integer value {x.data[first]:.4g} in cell {cell_of(first)!r}: {hints['integer']}"
+        )
 
 
 def _cell_of(x: sp.csr_matrix, spec: ChunkSpec, entry: int) -> str:

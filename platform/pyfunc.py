@@ -17,32 +17,66 @@ from typing import Any
 
 import numpy as np
 
-from scbert_platform.ingest import align, normalise
+from scbert_platform.ingest import IngestError, align, check_counts, normalise
+from scbert_platform.panel import Panel
 
 CHECKPOINT = "checkpoint"
 
 
-def counts_to_tokens(
-    counts: Any, genes: list[str], panel: list[str], *, n_bins: int, target_sum: float = 1e4
+SERVING_HINTS = {
+    "finite": "counts must be finite numbers",
+    "negative": "send raw counts, not scaled or batch-corrected values",
+    "integer": "send raw integer counts (UMI or read counts), not normalised or log values",
+}
+
+
+def aligned_counts(
+    counts: Any,
+    genes: list[str],
+    panel: list[str] | Panel,
+    *,
+    cell_ids: Any = None,
+    hints: dict[str, str] = SERVING_HINTS,
 ) -> Any:
-    """Raw counts (cells x ``genes``) -> model tokens (cells, len(panel) + 1), as ingest does."""
+    """Raw counts (cells x ``genes``), checked by ingest's rules (finite, >= 0, integers), as a
+    CSR matrix of cells x panel genes (genes outside the panel dropped, missing ones 0)."""
     import scipy.sparse as sp
 
+    matrix = sp.csr_matrix(counts, dtype=np.float64)
+    matrix.sum_duplicates()
+
+    def cell_of(entry: int) -> str:
+        row = int(np.searchsorted(matrix.indptr, entry, side="right")) - 1
+        return str(cell_ids[row]) if cell_ids is not None else f"row {row}"
+
+    check_counts(matrix, cell_of, hints=hints)
+    panel = panel if isinstance(panel, Panel) else Panel(tuple(panel))
+    positions = panel.positions(genes)
+    if not (positions >= 0).any():
+        raise IngestError(
+            f"none of the {len(genes)} input genes is in the model's panel of {len(panel)} "
+            f"genes (it starts {', '.join(panel.genes[:3])}; symbols are matched exactly)"
+        )
+    return align(matrix, positions, len(panel))
+
+
+def panel_tokens(aligned: Any, *, n_bins: int, target_sum: float = 1e4) -> Any:
+    """Aligned counts -> model tokens (cells, n_panel + 1): normalised and binned as ingest does."""
     from scbert import tokenize
 
-    matrix = sp.csr_matrix(counts, dtype=np.float64)
-    if matrix.nnz and (matrix.data < 0).any():
-        raise ValueError("counts must be >= 0")
-    index = {gene: i for i, gene in enumerate(panel)}
-    positions = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
-    if not (positions >= 0).any():
-        raise ValueError("none of the input genes is in the model's panel")
-    aligned = align(matrix, positions, len(panel))
     empty = np.diff(aligned.indptr) == 0
     values = normalise(aligned, target_sum) if aligned.nnz else aligned
     tokens = tokenize(values, n_bins)
     tokens[empty] = 0
     return tokens
+
+
+def counts_to_tokens(
+    counts: Any, genes: list[str], panel: list[str] | Panel, *, n_bins: int, target_sum: float = 1e4
+) -> Any:
+    """Raw counts (cells x ``genes``) -> model tokens (cells, len(panel) + 1), as ingest does."""
+    aligned = aligned_counts(counts, genes, panel)
+    return panel_tokens(aligned, n_bins=n_bins, target_sum=target_sum)
 
 
 class ScBertAnnotator:
@@ -123,16 +157,35 @@ def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator")
 
 
 def example_counts(shards: str | Path, panel: list[str], n_cells: int = 2) -> Any:
-    """A small counts DataFrame (cells x panel genes) rebuilt from the first shard's cells:
-    counts = (2**value - 1) * n_counts / 1e4, the inverse of ingest's normalisation."""
+    """A small counts DataFrame (cells x panel genes) rebuilt from the first shard's cells."""
+    return shard_counts(shards, panel, n_cells=n_cells)[0]
+
+
+def shard_counts(
+    shards: str | Path, panel: list[str], *, n_cells: int | None = None
+) -> tuple[Any, Any]:
+    """Raw counts rebuilt from ingested shards: (cells x panel DataFrame, obs DataFrame with each
+    cell's ``label`` and ``fold``);
+    counts = (2**value - 1) * n_counts / 1e4 rounded, the inverse of ingest's normalisation
+    (exact for integer counts, so the model sees the same tokens as in training)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
     from scbert_platform.loader import shard_files
 
-    table = pq.read_table(shard_files(shards)[0]).slice(0, n_cells).to_pylist()
-    counts = np.zeros((len(table), len(panel)))
-    for row, cell in enumerate(table):
+    rows: list[dict[str, Any]] = []
+    for path in shard_files(shards):
+        rows += pq.read_table(path).to_pylist()
+        if n_cells is not None and len(rows) >= n_cells:
+            break
+    rows = rows[:n_cells] if n_cells is not None else rows
+    counts = np.zeros((len(rows), len(panel)))
+    for row, cell in enumerate(rows):
         values = np.exp2(np.asarray(cell["value"], dtype=np.float64)) - 1
         counts[row, cell["gene_idx"]] = np.round(values * cell["n_counts"] / 1e4)
-    return pd.DataFrame(counts, columns=panel, index=[c["cell_id"] for c in table])
+    index = [c["cell_id"] for c in rows]
+    obs = pd.DataFrame(
+        {"label": [c.get("label") for c in rows], "fold": [c.get("fold") for c in rows]},
+        index=index,
+    )
+    return pd.DataFrame(counts, columns=panel, index=index), obs

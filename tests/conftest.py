@@ -205,3 +205,50 @@ def write_tenx_mtx(adata: Any, folder: Path) -> Path:
     with gzip.open(folder / "barcodes.tsv.gz", "wt") as handle:
         handle.write("\n".join(adata.obs_names) + "\n")
     return folder
+
+
+TOY_PANEL = [f"G{i}" for i in range(24)]
+TOY_LABELS = ["B", "NK", "T"]
+
+
+def finetuned_run(
+    workdir: Path,
+    macro_f1: float | None,
+    *,
+    seed: int = 0,
+    manifest: str = "m1",
+    panel: str = "p1",
+    genes: list[str] | None = None,
+    labels: list[str] | None = None,
+    dataset: str = "toy",
+) -> str:
+    """A fine-tuning run as `scbert finetune` leaves it (tags, metrics, a pyfunc model), with a
+    tiny random-weight model on ``genes`` (default: 24 toy genes) and ``labels``."""
+    import mlflow
+    import pandas as pd
+
+    from scbert import save_pretrained
+    from scbert_platform import tracking
+    from scbert_platform.pyfunc import log_pyfunc
+
+    genes, labels = genes or TOY_PANEL, labels or TOY_LABELS
+    checkpoint = workdir / f"ckpt-{seed}"
+    config = tiny_config(n_genes=len(genes), n_classes=len(labels), gene_embedding="learned")
+    save_pretrained(build_model(config, seed=seed), checkpoint, panel=genes, labels=labels)
+    half = len(genes) // 2
+    example = pd.DataFrame(
+        [[3.0] * half + [0.0] * (len(genes) - half), [0.0] * half + [5.0] * (len(genes) - half)],
+        columns=genes,
+    )
+    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-finetune")) as run:
+        mlflow.set_tags(
+            {
+                "scbert.dataset": dataset,
+                "scbert.manifest_sha256": manifest,
+                "scbert.panel_sha256": panel,
+            }
+        )
+        if macro_f1 is not None:
+            mlflow.log_metric("cv/macro_f1", macro_f1)
+        mlflow.set_tag(tracking.MODEL_URI_TAG, log_pyfunc(checkpoint, example))
+    return str(run.info.run_id)

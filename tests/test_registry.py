@@ -6,13 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
-from conftest import build_model, tiny_config
+from conftest import finetuned_run
 
-from scbert import save_pretrained
 from scbert_platform import tracking
-from scbert_platform.pyfunc import log_pyfunc
 from scbert_tune.registry import (
     CHALLENGER,
     CHAMPION,
@@ -21,33 +18,6 @@ from scbert_tune.registry import (
     register,
     rollback,
 )
-
-PANEL = [f"G{i}" for i in range(24)]
-LABELS = ["B", "NK", "T"]
-
-
-def finetuned_run(
-    workdir: Path, macro_f1: float | None, *, seed: int = 0, manifest: str = "m1", panel: str = "p1"
-) -> str:
-    """A fine-tuning run as `scbert finetune` leaves it: tags, metrics and a pyfunc model."""
-    import mlflow
-
-    checkpoint = workdir / f"ckpt-{seed}"
-    model = build_model(tiny_config(n_classes=3, gene_embedding="learned"), seed=seed)
-    save_pretrained(model, checkpoint, panel=PANEL, labels=LABELS)
-    example = pd.DataFrame([[3.0] * 12 + [0.0] * 12, [0.0] * 12 + [5.0] * 12], columns=PANEL)
-    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-finetune")) as run:
-        mlflow.set_tags(
-            {
-                "scbert.dataset": "toy",
-                "scbert.manifest_sha256": manifest,
-                "scbert.panel_sha256": panel,
-            }
-        )
-        if macro_f1 is not None:
-            mlflow.log_metric("cv/macro_f1", macro_f1)
-        mlflow.set_tag(tracking.MODEL_URI_TAG, log_pyfunc(checkpoint, example))
-    return str(run.info.run_id)
 
 
 def version_of(alias: str) -> Any:
