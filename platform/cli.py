@@ -136,6 +136,42 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from scbert_platform.cluster import start_ray
+    from scbert_serve.app import metrics_port, resolve_model, run
+
+    params = _params(
+        args, {"serve.model": args.model, "serve.host": args.host, "serve.port": args.port}
+    ).serve
+    source = resolve_model(params.model)  # a bad model reference fails before Ray starts
+    start_ray(
+        **(
+            {"address": args.address}
+            if args.address
+            else {"_metrics_export_port": params.metrics_port}
+        )
+    )
+    url = run(params, source)
+    version = f" version {source.version}" if source.version else ""
+    print(
+        f"serving {source.name}{version} ({source.uri}) at {url}: POST {url}/v1/annotate, "
+        f"docs {url}/docs, Prometheus metrics http://127.0.0.1:{metrics_port()}/metrics",
+        flush=True,
+    )
+    if args.detach:
+        print("deployed; it keeps serving while this Ray cluster runs (serve shutdown stops it)")
+        return 0
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
     from scbert_tune.baselines import cross_validate as baseline_cv
     from scbert_tune.baselines import markdown
@@ -396,6 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pro)
     pro.set_defaults(run=cmd_promote)
 
+    srv = verbs.add_parser(
+        "serve",
+        help="serve a model over HTTP with Ray Serve (run again after promote: rolling update)",
+    )
+    srv.add_argument(
+        "--model", help="models:/NAME@champion, models:/NAME/3 or a checkpoint dir (serve.model)"
+    )
+    srv.add_argument("--host", help="bind address of the HTTP proxy (serve.host)")
+    srv.add_argument("--port", type=int, help="HTTP port (serve.port)")
+    srv.add_argument(
+        "--address",
+        help="join this Ray cluster (auto: the one `ray start` began) instead of a local Ray",
+    )
+    srv.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy and exit (with --address: the app keeps running on that cluster)",
+    )
+    _common(srv)
+    srv.set_defaults(run=cmd_serve)
+
     fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
     fetch.add_argument("name", help="pbmc68k_reduced")
     fetch.add_argument("--out", required=True, help="destination file")
@@ -452,6 +509,8 @@ def _interrupted(verb: str) -> int:
         what = "finished trials are kept: continue with --resume and the name printed above"
     elif verb in ("pretrain", "finetune"):
         what = "continue from the last checkpoint with --resume and the run name printed above"
+    elif verb == "serve":
+        what = "the Serve application was shut down"
     else:
         what = "nothing was written"
     print(f"scbert {verb}: interrupted; {what}", file=sys.stderr)

@@ -110,7 +110,29 @@ class TuneParams:
 
 @dataclass
 class ServeParams:
-    """Serving (filled in by the serving issue)."""
+    """Serving (``scbert serve``, ``serve run`` with a config YAML; docs/serving.md)."""
+
+    model: str = "models:/scbert-pbmc68k@champion"  # registry URI (alias/version) or checkpoint dir
+    host: str = "127.0.0.1"  # HTTP bind address of the Serve proxy (0.0.0.0 in a cluster)
+    port: int = 8000
+    route_prefix: str = "/"
+    min_replicas: int = 1  # autoscaling (Serve autoscaling_config)
+    max_replicas: int = 2
+    target_ongoing_requests: float = 2.0  # per replica; above it Serve adds replicas
+    max_ongoing_requests: int = 16  # per replica; more wait in the proxy's queue
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0  # window over which ongoing requests are averaged (> 10)
+    replica_cpus: float = 0.5  # ray_actor_options.num_cpus
+    replica_gpus: float = 0.0  # ray_actor_options.num_gpus (1 on GPU clusters); bf16 on GPU
+    max_batch_size: int = 16  # requests merged into one model call (@serve.batch)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    model_batch_cells: int = 64  # cells per forward pass (CPU: 32-64 fastest here; GPU: ~1024)
+    max_cells_per_request: int = 5000  # more gets 413
+    max_body_mb: float = 64.0  # larger bodies get 413
+    threshold: float = 0.5  # default Unassigned threshold (paper: 0.5)
+    top_k: int = 3  # default length of each cell's top_k list
+    metrics_port: int = 8080  # Prometheus: Ray's metrics export port on every node
 
 
 @dataclass

@@ -1,0 +1,562 @@
+"""The annotation service: a Ray Serve deployment with a FastAPI ingress.
+
+Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model``,
+``GET /healthz`` (always open), ``GET /readyz``, and FastAPI's ``/docs`` and ``/openapi.json``.
+
+- The model is resolved once, where the application is built: ``models:/NAME@ALIAS`` becomes the
+  concrete ``models:/NAME/VERSION``, so deploying again after ``scbert promote`` changes the
+  deployment's arguments and Serve swaps the replicas one by one while the old ones keep serving.
+- Requests are aligned to the panel, checked, normalised and binned by ingest's own functions
+  (``scbert_platform.pyfunc.aligned_counts`` / ``panel_tokens``); concurrent requests are merged
+  into one model call by ``@serve.batch``; bf16 autocast on a GPU.
+- Bad input gets a 4xx with ``{"error": {"code", "message", "detail"}}``; nothing a client sends
+  takes the replica down. ``SCBERT_API_TOKEN`` in the replica's environment turns on bearer-token
+  auth for ``/v1/*`` (constant-time comparison).
+
+``build(args)`` is the application builder for ``serve run`` / a Serve config file
+(``import_path: scbert_serve.app:build``, ``args``: the ``serve`` params section).
+"""
+
+import asyncio
+import hmac
+import itertools
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+
+from scbert_platform.params import Params, ServeParams
+from scbert_serve.schema import (
+    AnnotateRequest,
+    AnnotateResponse,
+    ErrorResponse,
+    ModelInfo,
+    Options,
+    RequestError,
+)
+
+APP_NAME = "scbert"
+TOKEN_ENV = "SCBERT_API_TOKEN"
+JSON_TYPES = ("application/json", "")
+H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a replica loads: ``uri`` (``models:/NAME/VERSION`` or a directory) and its names."""
+
+    uri: str
+    name: str
+    version: str | None = None
+    alias: str | None = None
+    tracking_uri: str | None = None
+
+
+def resolve_model(ref: str) -> ModelSource:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), or a directory: a
+    checkpoint (``config.json``) or an MLflow pyfunc model (``MLmodel``)."""
+    if ref.startswith("models:/"):
+        from scbert_platform.tracking import tracking_uri
+        from scbert_tune.registry import registry_client
+
+        path = ref.removeprefix("models:/")
+        name, at, alias = path.partition("@")
+        client = registry_client()
+        if at:
+            try:
+                version = str(client.get_model_version_by_alias(name, alias).version)
+            except Exception as err:
+                raise ValueError(
+                    f"{ref}: no version of {name!r} has the alias {alias!r} in "
+                    f"{tracking_uri()} ({err}); scbert register and scbert promote one first"
+                ) from None
+            return ModelSource(f"models:/{name}/{version}", name, version, alias, tracking_uri())
+        name, slash, version = path.partition("/")
+        if not slash or not version.isdigit():
+            raise ValueError(f"{ref}: name a version (models:/NAME/3) or an alias (NAME@champion)")
+        client.get_model_version(name, version)  # fails clearly if it does not exist
+        return ModelSource(ref, name, version, None, tracking_uri())
+    path = Path(ref).expanduser().resolve()
+    if not ((path / "config.json").is_file() or (path / "MLmodel").is_file()):
+        raise ValueError(
+            f"{ref}: neither a registry URI (models:/NAME@ALIAS) nor a model directory "
+            "(an scBERT checkpoint with config.json, or an MLflow model with MLmodel)"
+        )
+    return ModelSource(str(path), path.name)
+
+
+def load_model(source: ModelSource) -> tuple[Any, list[str], list[str]]:
+    """(model in eval mode, panel, class names) from a source."""
+    from scbert import load_pretrained
+
+    if (Path(source.uri) / "config.json").is_file():
+        bundle = load_pretrained(source.uri)
+        if bundle.labels is None:
+            raise ValueError(f"{source.uri} is a pretraining checkpoint: serve a fine-tuned one")
+        return bundle.model.eval(), bundle.panel, bundle.labels
+    import mlflow
+
+    if source.tracking_uri:
+        mlflow.set_tracking_uri(source.tracking_uri)
+        mlflow.set_registry_uri(source.tracking_uri)
+    annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
+    return annotator.model.eval(), list(annotator.panel), list(annotator.labels)
+
+
+def error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+class _Api(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema plus the JSON request body's models (the annotate route reads the
+        body itself, to take .h5ad bodies as well)."""
+        if self.openapi_schema:
+            return self.openapi_schema
+        schema = get_openapi(
+            title=self.title,
+            version=self.version,
+            description=self.description,
+            routes=self.routes,
+        )
+        request = AnnotateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["AnnotateRequest"] = request
+        self.openapi_schema = schema
+        return schema
+
+
+api = _Api(
+    title="scBERT cell-type annotation",
+    version="1",
+    description="Raw counts in, cell types out (Yang et al., Nat. Mach. Intell. 2022).",
+)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "malformed body"),
+        (401, "missing or wrong bearer token"),
+        (413, "too many cells or too large a body"),
+        (415, "unsupported content type"),
+        (422, "a field is invalid; the message names it"),
+    ]
+}
+
+
+class AnnotatorReplica:
+    """One replica: the model, its panel and classes, the request checks and the metrics.
+    ``Annotator`` below is this class as a Serve deployment with the FastAPI ingress; the class
+    itself runs in any process (``bench/serve_load.py`` times it without HTTP)."""
+
+    def __init__(self, source: dict[str, Any], settings: dict[str, Any]) -> None:
+        import torch
+
+        from scbert_platform.panel import Panel
+        from scbert_serve.metrics import ServeMetrics
+
+        self.source = ModelSource(**source)
+        self.settings = ServeParams(**settings)
+        self.model, panel, self.classes = load_model(self.source)
+        self.panel = Panel(tuple(panel))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.metrics = ServeMetrics(
+            model_name=self.source.name, model_version=self.source.version or "local"
+        )
+        self._infer.set_max_batch_size(self.settings.max_batch_size)
+        self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.token = os.environ.get(TOKEN_ENV) or None
+        self._warm_up()
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        """One made-up cell through the whole path (compiles scanpy's numba kernels), so the
+        first real request is not the slow one."""
+        import scipy.sparse as sp
+
+        from scbert_platform.pyfunc import aligned_counts, panel_tokens
+
+        genes = list(self.panel.genes[:20])
+        counts = sp.csr_matrix(np.arange(1, len(genes) + 1, dtype=np.float64)[None, :])
+        aligned = aligned_counts(counts, genes, self.panel, cell_ids=["warm-up"])
+        self._forward(panel_tokens(aligned, n_bins=self.model.config.n_bins))
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    @api.get("/healthz", summary="liveness (no auth)")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="readiness: the model is loaded and answered its warm-up")
+    async def readyz(self) -> dict[str, Any]:
+        return {"status": "ready", "model": self.source.name, "version": self.source.version}
+
+    @api.get("/v1/model", response_model=ModelInfo, responses=ERRORS)
+    async def model_info(self, request: Request) -> Response:
+        return await self._handle("/v1/model", request, self._model_info)
+
+    @api.post(
+        "/v1/annotate",
+        response_model=AnnotateResponse,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/AnnotateRequest"}
+                    },
+                    "application/x-hdf5": {
+                        "schema": {"type": "string", "format": "binary"},
+                        "description": "an .h5ad file, raw counts in .X; options as query "
+                        "parameters (threshold, top_k, return_embedding)",
+                    },
+                },
+            }
+        },
+    )
+    async def annotate(self, request: Request) -> Response:
+        return await self._handle("/v1/annotate", request, self._annotate)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica without its model is replaced."""
+        if not getattr(self, "ready", False):
+            raise RuntimeError("model not loaded")
+
+    # ---- request handling ---------------------------------------------------------------------
+
+    async def _handle(self, route: str, request: Request, handler: Any) -> Response:
+        start = time.perf_counter()
+        try:
+            self._authorise(request)
+            response = await handler(request)
+        except RequestError as refused:
+            response = error(refused.status, refused.code, refused.message)
+        except ValidationError as invalid:
+            detail = [
+                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in invalid.errors(include_url=False, include_input=False)
+            ]
+            first = detail[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            message = f"{where}: {first['msg']}"
+            if len(detail) > 1:
+                message += f" (and {len(detail) - 1} more problems)"
+            response = error(422, "invalid", message, detail)
+        self.metrics.request(route, response.status_code, time.perf_counter() - start)
+        return response
+
+    def _authorise(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise RequestError(401, "unauthorised", "send the header Authorization: Bearer TOKEN")
+
+    async def _model_info(self, request: Request) -> Response:
+        info = ModelInfo(
+            name=self.source.name,
+            version=self.source.version,
+            alias=self.source.alias,
+            uri=self.source.uri,
+            classes=self.classes,
+            panel_size=len(self.panel),
+            panel_sha256=self.panel.sha256,
+            config=self.model.config.to_dict(),
+            threshold=self.settings.threshold,
+            top_k=self.settings.top_k,
+            max_cells_per_request=self.settings.max_cells_per_request,
+            max_body_bytes=self._max_body(),
+            device=str(self.device),
+        )
+        return JSONResponse(info.model_dump())
+
+    def _max_body(self) -> int:
+        return int(self.settings.max_body_mb * 2**20)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self._max_body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "too_large", f"body of {declared} bytes is over {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, "too_large", f"body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def _annotate(self, request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in JSON_TYPES + H5AD_TYPES:
+            raise RequestError(
+                415,
+                "unsupported_media_type",
+                f"content type {kind!r}: send application/json or application/x-hdf5 (.h5ad)",
+            )
+        body = await self._body(request)
+        if kind in JSON_TYPES:
+            parsed = self._parse_json(body)
+            counts, genes = parsed.counts()
+            ids, options = (
+                parsed.cell_ids(),
+                Options(
+                    threshold=parsed.threshold,
+                    top_k=parsed.top_k,
+                    return_embedding=parsed.return_embedding,
+                ),
+            )
+        else:
+            options = Options.model_validate(dict(request.query_params))
+            counts, genes, ids = self._parse_h5ad(body)
+        return JSONResponse(await self._predict(counts, genes, ids, options))
+
+    def _parse_json(self, body: bytes) -> AnnotateRequest:
+        if not body.strip():
+            raise RequestError(400, "empty_body", "the body is empty: send a JSON object")
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RequestError(
+                400, "malformed_json", f"the body is not valid JSON: {err}"
+            ) from None
+        if isinstance(raw, dict):
+            n_cells = raw.get("cells", raw.get("matrix"))
+            if isinstance(n_cells, list):
+                self._check_cell_count(len(n_cells))
+        return AnnotateRequest.model_validate(raw)
+
+    def _check_cell_count(self, n_cells: int) -> None:
+        if n_cells == 0:
+            raise RequestError(422, "no_cells", "the request has no cells")
+        if n_cells > self.settings.max_cells_per_request:
+            raise RequestError(
+                413,
+                "too_many_cells",
+                f"{n_cells} cells in one request; the limit is "
+                f"{self.settings.max_cells_per_request}: split the request",
+            )
+
+    def _parse_h5ad(self, body: bytes) -> tuple[Any, list[str], list[str]]:
+        import anndata
+
+        with tempfile.NamedTemporaryFile(suffix=".h5ad") as handle:
+            handle.write(body)
+            handle.flush()
+            try:
+                adata = anndata.read_h5ad(handle.name)
+            except Exception as err:
+                raise RequestError(
+                    400, "malformed_h5ad", f"the body is not a readable .h5ad file: {err}"
+                ) from None
+        self._check_cell_count(adata.n_obs)
+        genes = [str(g) for g in adata.var_names]
+        if len(set(genes)) != len(genes):
+            raise RequestError(422, "duplicated_genes", "the .h5ad has duplicated var_names")
+        ids = [str(c) for c in adata.obs_names]
+        if len(set(ids)) != len(ids):
+            raise RequestError(422, "duplicated_ids", "the .h5ad has duplicated obs_names")
+        return adata.X, genes, ids
+
+    async def _predict(
+        self, counts: Any, genes: list[str], ids: list[str], options: Options
+    ) -> dict[str, Any]:
+        from scbert_platform.ingest import IngestError
+        from scbert_platform.pyfunc import aligned_counts, panel_tokens
+
+        self._check_cell_count(counts.shape[0])
+        try:
+            aligned = aligned_counts(counts, genes, self.panel, cell_ids=ids)
+        except IngestError as bad:
+            raise RequestError(422, "invalid_counts", str(bad)) from None
+        tokens = panel_tokens(aligned, n_bins=self.model.config.n_bins)
+        proba, embedding = await self._infer(tokens)
+        threshold = self.settings.threshold if options.threshold is None else options.threshold
+        top_k = min(options.top_k or self.settings.top_k, len(self.classes))
+        matched = int((self.panel.positions(genes) >= 0).sum())
+        cells = self._cells(ids, proba, np.diff(aligned.indptr), threshold, top_k)
+        if options.return_embedding:
+            for cell, vector in zip(cells, embedding.tolist(), strict=True):
+                cell["embedding"] = [round(v, 6) for v in vector]
+        predicted = [cell["cell_type"] for cell in cells]
+        self.metrics.predictions(predicted, sum(cell["unassigned"] for cell in cells))
+        return {
+            "model": {
+                "name": self.source.name,
+                "version": self.source.version,
+                "alias": self.source.alias,
+                "uri": self.source.uri,
+            },
+            "coverage": {
+                "panel_genes": len(self.panel),
+                "request_genes": len(genes),
+                "matched_genes": matched,
+                "fraction": matched / len(self.panel),
+                "unknown_genes": len(genes) - matched,
+            },
+            "threshold": threshold,
+            "cells": cells,
+        }
+
+    def _cells(
+        self, ids: list[str], proba: np.ndarray, n_genes: np.ndarray, threshold: float, top_k: int
+    ) -> list[dict[str, Any]]:
+        from scbert import UNASSIGNED
+
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+        cells = []
+        for row, cell_id in enumerate(ids):
+            best = float(proba[row, order[row, 0]])
+            unassigned = best < threshold
+            cells.append(
+                {
+                    "id": cell_id,
+                    "cell_type": UNASSIGNED if unassigned else self.classes[order[row, 0]],
+                    "probability": round(best, 6),
+                    "unassigned": unassigned,
+                    "n_genes": int(n_genes[row]),
+                    "top_k": [
+                        {
+                            "cell_type": self.classes[j],
+                            "probability": round(float(proba[row, j]), 6),
+                        }
+                        for j in order[row]
+                    ],
+                }
+            )
+        return cells
+
+    # ---- the model ------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _infer(self, batches: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Requests merged into one model call: (probabilities, embeddings) per request."""
+        import torch
+
+        sizes = [len(tokens) for tokens in batches]
+        self.metrics.batch(len(batches), sum(sizes))
+        proba, embedding = await asyncio.to_thread(self._forward, torch.cat(batches))
+        bounds = np.cumsum([0, *sizes])
+        return [(proba[a:b], embedding[a:b]) for a, b in itertools.pairwise(bounds)]
+
+    def _forward(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        probas, embeddings = [], []
+        cuda = self.device.type == "cuda"
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda),
+        ):
+            for chunk in tokens.split(self.settings.model_batch_cells):
+                encoded = self.model.encode(chunk.to(self.device, non_blocking=True))
+                probas.append(self.model.head(encoded).float().softmax(dim=-1).cpu())
+                embeddings.append(encoded[:, :-1].float().mean(dim=1).cpu())
+        return torch.cat(probas).numpy(), torch.cat(embeddings).numpy()
+
+
+Annotator = serve.deployment(
+    serve.ingress(api)(AnnotatorReplica),
+    name="ScBertAnnotator",
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=20,
+)
+
+
+def deployment_options(params: ServeParams, *, forward_token: bool = False) -> dict[str, Any]:
+    """Serve options from the params: autoscaling, per-replica resources and queue length.
+    ``forward_token`` passes this process's ``SCBERT_API_TOKEN`` to the replicas (a local
+    ``scbert serve``; on Kubernetes the pods have it from a Secret)."""
+    if not 1 <= params.min_replicas <= params.max_replicas:
+        raise ValueError(
+            f"serve.min_replicas ({params.min_replicas}) must be >= 1 and <= serve.max_replicas "
+            f"({params.max_replicas})"
+        )
+    actor: dict[str, Any] = {"num_cpus": params.replica_cpus}
+    if params.replica_gpus:
+        actor["num_gpus"] = params.replica_gpus
+    if forward_token and os.environ.get(TOKEN_ENV):
+        actor["runtime_env"] = {"env_vars": {TOKEN_ENV: os.environ[TOKEN_ENV]}}
+    return {
+        "autoscaling_config": {
+            "min_replicas": params.min_replicas,
+            "max_replicas": params.max_replicas,
+            "target_ongoing_requests": params.target_ongoing_requests,
+            "upscale_delay_s": params.upscale_delay_s,
+            "downscale_delay_s": params.downscale_delay_s,
+            "look_back_period_s": params.look_back_period_s,
+        },
+        "max_ongoing_requests": params.max_ongoing_requests,
+        "ray_actor_options": actor,
+    }
+
+
+def application(
+    params: ServeParams, source: ModelSource | None = None, *, forward_token: bool = False
+) -> Any:
+    """The bound Serve application for ``params`` (the model resolved now unless given)."""
+    source = source or resolve_model(params.model)
+    options = deployment_options(params, forward_token=forward_token)
+    return Annotator.options(**options).bind(asdict(source), asdict(params))
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for ``serve run scbert_serve.app:build model=...`` and Serve config
+    files: ``args`` are keys of the ``serve`` params section (checked, unknown ones refused)."""
+    return application(Params.from_dict({"serve": dict(args)}).serve)
+
+
+def run(
+    params: ServeParams, source: ModelSource | None = None, *, forward_token: bool = True
+) -> str:
+    """Deploy (or update in place) the application on the current Ray; returns its URL.
+    Deploying again with another model version swaps the replicas without downtime."""
+    source = source or resolve_model(params.model)
+    serve.start(http_options={"host": params.host, "port": params.port})
+    serve.run(
+        application(params, source, forward_token=forward_token),
+        name=APP_NAME,
+        route_prefix=params.route_prefix,
+        blocking=False,
+    )
+    host = "127.0.0.1" if params.host in ("0.0.0.0", "::") else params.host
+    return f"http://{host}:{params.port}{params.route_prefix.rstrip('/')}"
+
+
+def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
+    """Replicas of the annotator by state (``RUNNING``, ``STARTING``, ``STOPPING``, ...)."""
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return {}
+    deployment = status.deployments.get("ScBertAnnotator")
+    return (
+        {str(k): int(v) for k, v in (deployment.replica_states or {}).items()} if deployment else {}
+    )
+
+
+def metrics_port() -> int:
+    """This node's Ray metrics export port (Prometheus scrapes it)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return int(node["MetricsExportPort"])
+    raise RuntimeError("this node is not in ray.nodes()")

@@ -1,0 +1,126 @@
+"""Serving without a server: the application builder, Serve options from params, model
+references, the request schema's translation into counts, and `scbert serve`'s refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, build_model, tiny_config
+from pydantic import ValidationError
+
+from scbert import save_pretrained
+from scbert_platform.params import ParamsError, ServeParams
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    model = build_model(tiny_config(n_classes=3, gene_embedding="learned"))
+    genes = [f"G{i}" for i in range(24)]
+    return save_pretrained(model, tmp_path / "model", panel=genes, labels=["B", "NK", "T"])
+
+
+def test_build_takes_the_serve_section_and_refuses_unknown_keys(checkpoint: Path) -> None:
+    from ray.serve import Application
+
+    from scbert_serve.app import build
+
+    app = build({"model": str(checkpoint), "max_replicas": 3, "replica_gpus": 1})
+    assert isinstance(app, Application)
+    with pytest.raises(ParamsError, match=r"unknown parameter 'serve\.max_replica'"):
+        build({"model": str(checkpoint), "max_replica": 3})
+    with pytest.raises(ParamsError, match=r"serve\.port"):
+        build({"model": str(checkpoint), "port": "eighty"})
+
+
+def test_the_local_serve_config_builds(checkpoint: Path) -> None:
+    import yaml
+    from test_infra import serve_config_problems
+
+    from scbert_serve.app import build
+
+    config = yaml.safe_load((REPO_ROOT / "infra" / "serve" / "local.yaml").read_text())
+    assert serve_config_problems(config) == []
+    (app,) = config["applications"]
+    assert app["import_path"] == "scbert_serve.app:build"
+    assert config["http_options"]["port"] == app["args"]["port"]
+    build({**app["args"], "model": str(checkpoint)})  # the demo's checkpoint may not exist yet
+
+
+def test_deployment_options_follow_the_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scbert_serve.app import TOKEN_ENV, deployment_options
+
+    gpu = deployment_options(ServeParams(replica_gpus=1, replica_cpus=2, max_replicas=4))
+    assert gpu["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
+    assert gpu["autoscaling_config"]["max_replicas"] == 4
+    assert gpu["autoscaling_config"]["target_ongoing_requests"] == 2.0
+    cpu = deployment_options(ServeParams())
+    assert "num_gpus" not in cpu["ray_actor_options"]
+    with pytest.raises(ValueError, match="min_replicas"):
+        deployment_options(ServeParams(min_replicas=3, max_replicas=2))
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    assert "runtime_env" not in deployment_options(ServeParams())  # builders never copy it
+    forwarded = deployment_options(ServeParams(), forward_token=True)["ray_actor_options"]
+    assert forwarded["runtime_env"] == {"env_vars": {TOKEN_ENV: "s3cret"}}
+
+
+def test_model_references_are_checked(checkpoint: Path, workdir: Path) -> None:
+    from scbert_serve.app import load_model, resolve_model
+
+    source = resolve_model(str(checkpoint))
+    assert (source.uri, source.name, source.version) == (str(checkpoint), "model", None)
+    model, panel, classes = load_model(source)
+    assert len(panel) == 24 and classes == ["B", "NK", "T"] and not model.training
+    with pytest.raises(ValueError, match="neither a registry URI"):
+        resolve_model(str(workdir / "missing"))
+    with pytest.raises(ValueError, match="name a version"):
+        resolve_model("models:/scbert-x")
+    with pytest.raises(ValueError, match="no version of 'scbert-x' has the alias 'champion'"):
+        resolve_model("models:/scbert-x@champion")
+
+
+def test_scbert_serve_refuses_a_bad_model_before_starting_ray(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from scbert_platform.cli import main
+
+    was_running = ray.is_initialized()
+    assert main(["serve", "--model", "nowhere", "--params", "/dev/null"]) == 2
+    assert "scbert serve: error: nowhere: neither a registry URI" in capsys.readouterr().err
+    assert ray.is_initialized() == was_running
+
+
+def test_sparse_and_dense_requests_become_the_same_counts() -> None:
+    from scbert_serve.schema import AnnotateRequest
+
+    sparse = AnnotateRequest.model_validate(
+        {
+            "cells": [
+                {"id": "a", "genes": ["X", "Y"], "counts": [1, 2]},
+                {"id": "b", "genes": ["Z", "X"], "counts": [5, 3]},
+            ]
+        }
+    )
+    counts, genes = sparse.counts()
+    assert genes == ["X", "Y", "Z"] and sparse.cell_ids() == ["a", "b"]
+    np.testing.assert_array_equal(counts.toarray(), [[1, 2, 0], [3, 0, 5]])
+    mapped = AnnotateRequest.model_validate(
+        {
+            "cells": [
+                {"id": "a", "counts": {"X": 1, "Y": 2}},
+                {"id": "b", "counts": {"Z": 5, "X": 3}},
+            ]
+        }
+    )
+    assert mapped.counts()[1] == genes
+    np.testing.assert_array_equal(mapped.counts()[0].toarray(), counts.toarray())
+    dense = AnnotateRequest.model_validate(
+        {"genes": ["X", "Y", "Z"], "matrix": [[1, 2, 0], [3, 0, 5]]}
+    )
+    np.testing.assert_array_equal(dense.counts()[0].toarray(), counts.toarray())
+    assert dense.cell_ids() == ["cell-0", "cell-1"]
+    with pytest.raises(ValidationError, match="'ids' goes with the dense layout"):
+        AnnotateRequest.model_validate({"cells": sparse.model_dump()["cells"], "ids": ["a", "b"]})
