@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
-		--sweep-report reports/sweep.md --cv-report reports/cv.json
+		--sweep-report reports/sweep.md --cv-report reports/cv.json --serve
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from scbert import ScBert, ScBertConfig, tokenize
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cv-report", help="the cv stage's summary (reports/cv.json): registered and promoted"
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="then serve the champion over HTTP and annotate the --cells-dir cells through it",
+    )
+    parser.add_argument("--params", default="params.yaml", help="its serve section is used")
     args = parser.parse_args(argv)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
@@ -75,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep_report:
         print(f"\nsweep (reports/sweep.md):\n{Path(args.sweep_report).read_text()}")
     if args.cv_report:
-        register_and_promote(Path(args.cv_report))
+        name = register_and_promote(Path(args.cv_report))
+        if args.serve and args.cells_dir:
+            serve_and_annotate(args.cells_dir, name, Path(args.cv_report), args.params)
 
 
 def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0) -> None:
@@ -107,7 +118,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
         print(f"  {'ok ' if true == guess else 'x  '}{true:30} -> {guess} ({p:.2f})")
 
 
-def register_and_promote(cv_report: Path) -> None:
+def register_and_promote(cv_report: Path) -> str:
     """Register the CV run's model (once per run) and promote it if it passes the gate; a
     refusal is reported, not an error: the gate doing its job is part of the demo."""
     from scbert_platform.tracking import tracking_uri
@@ -138,6 +149,95 @@ def register_and_promote(cv_report: Path) -> None:
         f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}; browse it with: "
         f"mlflow ui --backend-store-uri {tracking_uri()}"
     )
+    return str(name)
+
+
+def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: str) -> None:
+    """Serve ``NAME@champion`` with Ray Serve on this machine and annotate every ingested cell
+    over HTTP (sparse JSON, 100 cells a request), printing accuracy against the expert labels:
+    over all cells, and over the fold the champion never saw (it is one CV fold's model)."""
+    import requests
+    from ray import serve
+
+    from scbert_platform.cluster import start_ray
+    from scbert_platform.loader import ShardInfo
+    from scbert_platform.params import Params
+    from scbert_platform.pyfunc import shard_counts
+    from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run
+    from scbert_serve.schema import sparse_cells
+    from scbert_tune.registry import registry_client
+
+    params = Params.load(params_file).serve
+    params.model = f"models:/{name}@champion"
+    source = resolve_model(params.model)
+    held_out = _held_out_fold(source, cv_report, registry_client())
+    start_ray()
+    started = time.perf_counter()
+    url = run(params, source)
+    print(
+        f"\nserving {name} version {source.version} (champion) at {url} "
+        f"(started in {time.perf_counter() - started:.0f} s); docs at {url}/docs"
+    )
+    headers = (
+        {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if TOKEN_ENV in os.environ else {}
+    )
+    counts, obs = shard_counts(cells_dir, ShardInfo.read(cells_dir).panel)
+    predicted: list[str] = []
+    top1: list[str] = []
+    started = time.perf_counter()
+    try:
+        info = requests.get(f"{url}/v1/model", headers=headers, timeout=30).json()
+        print(
+            f"GET /v1/model: {info['name']} v{info['version']}, {len(info['classes'])} classes, "
+            f"panel of {info['panel_size']} genes (sha256 {info['panel_sha256'][:12]}...)"
+        )
+        for start in range(0, len(counts), 100):
+            cells = sparse_cells(counts.iloc[start : start + 100])
+            reply = requests.post(
+                f"{url}/v1/annotate", json={"cells": cells}, headers=headers, timeout=120
+            )
+            reply.raise_for_status()
+            predicted += [cell["cell_type"] for cell in reply.json()["cells"]]
+            top1 += [cell["top_k"][0]["cell_type"] for cell in reply.json()["cells"]]
+        elapsed = time.perf_counter() - started
+        coverage = reply.json()["coverage"]
+    finally:
+        serve.shutdown()
+    truth = obs["label"].to_numpy()
+    hits, top_hits = np.asarray(predicted) == truth, np.asarray(top1) == truth
+    print(
+        f"POST /v1/annotate: {len(predicted)} real pbmc68k cells in {-(-len(counts) // 100)} "
+        f"requests, {elapsed:.1f} s ({len(predicted) / elapsed:.0f} cells/s); panel coverage "
+        f"{coverage['fraction']:.0%}; Unassigned (top probability < {params.threshold}): "
+        f"{sum(p == 'Unassigned' for p in predicted)}"
+    )
+    print(
+        f"  accuracy against the expert labels, all cells: {hits.mean():.3f} (Unassigned counted "
+        f"wrong), {top_hits.mean():.3f} (most probable type)"
+    )
+    if held_out is not None:
+        fold, cv_accuracy = held_out
+        mask = obs["fold"].to_numpy() == fold
+        print(
+            f"  on fold {fold}, the {int(mask.sum())} cells the champion never trained on: "
+            f"{hits[mask].mean():.3f} (Unassigned wrong), {top_hits[mask].mean():.3f} (most "
+            f"probable type; scbert cv measured {cv_accuracy:.3f} on this fold in-process)"
+        )
+    print(f"  (Prometheus metrics were at http://127.0.0.1:{metrics_port()}/metrics)")
+
+
+def _held_out_fold(source: Any, cv_report: Path, client: Any) -> tuple[int, float] | None:
+    """(fold, CV accuracy) of the fold the champion's model was tested on, when it is a CV fold
+    model of this report."""
+    if not source.version:
+        return None
+    run_id = client.get_model_version(source.name, source.version).tags.get("scbert.run_id")
+    fold_run = client.get_run(run_id).data.tags.get("scbert.cv_model_run_id") if run_id else None
+    for group in json.loads(cv_report.read_text())["groups"]:
+        for fold in group.get("folds", []):
+            if fold.get("run_id") == fold_run and fold["held_out"].startswith("fold "):
+                return int(fold["held_out"].split()[1]), float(fold["accuracy"])
+    return None
 
 
 if __name__ == "__main__":
