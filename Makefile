@@ -40,6 +40,8 @@ test: lint
 bench: setup
 	$(PY) bench/model_speed.py
 	$(PY) bench/loader_speed.py
+	@test -d data/models/finetune || { echo "bench/serve_load.py needs the demo model: make demo first"; exit 1; }
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

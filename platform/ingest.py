@@ -434,6 +434,8 @@ def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> s
     return x
 
 
+MAX_COUNT = 2**31 - 1  # larger values are no counts, and overflow float32 normalisation
+
 INGEST_HINTS = {
     "finite": "fix or drop those cells before ingesting",
     "negative": "scaled or batch-corrected data cannot be ingested; use raw counts, e.g. "
@@ -459,6 +461,13 @@ def check_counts(
         raise IngestError(
             f"{int(bad.sum())} NaN/inf values{where} (first in cell "
             f"{cell_of(int(np.flatnonzero(bad)[0]))!r}): {hints['finite']}"
+        )
+    huge = x.data > MAX_COUNT
+    if huge.any():
+        first = int(np.flatnonzero(huge)[0])
+        raise IngestError(
+            f"value {x.data[first]:.4g} in cell {cell_of(first)!r} is larger than any count "
+            f"(at most {MAX_COUNT}; normalisation in float32 would overflow): {hints['finite']}"
         )
     negative = x.data < 0
     if negative.any():

@@ -237,6 +237,9 @@ CASES = {
     "inf": Case(
         with_value(np.inf), r"1 NaN/inf values .*first in cell 'cell0007'.*fix or drop those cells"
     ),
+    "count too large for float32 normalisation": Case(
+        with_value(1e12), r"value 1e\+12 in cell 'cell0007' is larger than any count"
+    ),
     "duplicated gene symbols": Case(
         duplicated_genes,
         r"duplicated gene symbols: 2 gene names .*G0003 \(x2\), G0017 \(x2\).*--make-unique",

@@ -208,6 +208,7 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "negative count": ({"cells": [cell(counts=[-1])]}, 422, "greater than or equal to 0"),
     "NaN count": (b'{"cells":[{"id":"c","genes":["CD3E"],"counts":[NaN]}]}', 422, "finite"),
     "inf count": (b'{"cells":[{"id":"c","genes":["CD3E"],"counts":[Infinity]}]}', 422, "finite"),
+    "huge count": ({"cells": [cell(counts=[1e300])]}, 422, "larger than any count"),
     "fractional count": (
         {"cells": [cell(counts=[2.5])]},
         422,
@@ -308,7 +309,11 @@ def test_fuzzed_requests_never_get_a_5xx(service: Service) -> None:
         lambda gs: st.fixed_dictionaries(
             {
                 "genes": st.just(gs),
-                "counts": st.lists(st.integers(0, 10_000), min_size=len(gs), max_size=len(gs)),
+                "counts": st.lists(
+                    st.one_of(st.integers(0, 10_000), st.integers(0, 2**62)),
+                    min_size=len(gs),
+                    max_size=len(gs),
+                ),
             }
         )
     )
