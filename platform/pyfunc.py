@@ -79,6 +79,27 @@ def counts_to_tokens(
     return panel_tokens(aligned, n_bins=n_bins, target_sum=target_sum)
 
 
+def predict_tokens(
+    model: Any, tokens: Any, *, chunk_cells: int = 64, device: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (cells, n_classes) and cell embeddings (cells, dim: the mean encoding,
+    as ``ScBert.embed_cells``) from one encoder pass, ``chunk_cells`` cells at a time (on CPU
+    32-64 is fastest per cell; bench/RESULTS.md), under bf16 autocast on a CUDA device."""
+    import torch
+
+    device = torch.device(device) if device is not None else model.token_emb.weight.device
+    probas, embeddings = [], []
+    with (
+        torch.inference_mode(),
+        torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+    ):
+        for chunk in tokens.split(chunk_cells):
+            encoded = model.encode(chunk.to(device, non_blocking=True))
+            probas.append(model.head(encoded).float().softmax(dim=-1).cpu())
+            embeddings.append(encoded[:, :-1].float().mean(dim=1).cpu())
+    return torch.cat(probas).numpy(), torch.cat(embeddings).numpy()
+
+
 class ScBertAnnotator:
     """An mlflow.pyfunc.PythonModel (subclassed at log time: importing this needs no MLflow)."""
 
@@ -97,7 +118,6 @@ class ScBertAnnotator:
     # no type hints on the arguments: MLflow would try to derive a signature from them
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         import pandas as pd
-        import torch
 
         if hasattr(model_input, "obs_names") and hasattr(model_input, "var_names"):  # AnnData
             counts, genes, index = model_input.X, list(model_input.var_names), model_input.obs_names
@@ -112,10 +132,7 @@ class ScBertAnnotator:
         tokens = counts_to_tokens(
             counts, [str(g) for g in genes], self.panel, n_bins=self.model.config.n_bins
         )
-        with torch.inference_mode():
-            proba = torch.cat(
-                [self.model.predict_proba(chunk) for chunk in tokens.split(256)]
-            ).numpy()
+        proba, _ = predict_tokens(self.model, tokens)
         best = proba.argmax(axis=1)
         top = proba[np.arange(len(best)), best]
         out = pd.DataFrame(

@@ -457,19 +457,11 @@ class AnnotatorReplica:
         return [(proba[a:b], embedding[a:b]) for a, b in itertools.pairwise(bounds)]
 
     def _forward(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+        from scbert_platform.pyfunc import predict_tokens
 
-        probas, embeddings = [], []
-        cuda = self.device.type == "cuda"
-        with (
-            torch.inference_mode(),
-            torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda),
-        ):
-            for chunk in tokens.split(self.settings.model_batch_cells):
-                encoded = self.model.encode(chunk.to(self.device, non_blocking=True))
-                probas.append(self.model.head(encoded).float().softmax(dim=-1).cpu())
-                embeddings.append(encoded[:, :-1].float().mean(dim=1).cpu())
-        return torch.cat(probas).numpy(), torch.cat(embeddings).numpy()
+        return predict_tokens(
+            self.model, tokens, chunk_cells=self.settings.model_batch_cells, device=self.device
+        )
 
 
 Annotator = serve.deployment(
