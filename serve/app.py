@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -46,6 +47,7 @@ from scbert_serve.schema import (
 )
 
 APP_NAME = "scbert"
+LOG = logging.getLogger("ray.serve")
 TOKEN_ENV = "SCBERT_API_TOKEN"
 JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
@@ -258,6 +260,11 @@ class AnnotatorReplica:
             if len(detail) > 1:
                 message += f" (and {len(detail) - 1} more problems)"
             response = error(422, "invalid", message, detail)
+        except Exception as failure:  # a bug, not the client's fault: logged, counted, answered
+            LOG.exception("%s failed", route)
+            response = error(
+                500, "internal", f"internal error ({type(failure).__name__}): see the replica log"
+            )
         self.metrics.request(route, response.status_code, time.perf_counter() - start)
         return response
 

@@ -124,3 +124,33 @@ def test_sparse_and_dense_requests_become_the_same_counts() -> None:
     assert dense.cell_ids() == ["cell-0", "cell-1"]
     with pytest.raises(ValidationError, match="'ids' goes with the dense layout"):
         AnnotateRequest.model_validate({"cells": sparse.model_dump()["cells"], "ids": ["a", "b"]})
+
+
+def test_an_unexpected_failure_is_a_json_500_and_the_replica_goes_on(checkpoint: Path) -> None:
+    import asyncio
+    from dataclasses import asdict
+
+    from starlette.requests import Request
+
+    from scbert_serve.app import AnnotatorReplica, resolve_model
+
+    replica = AnnotatorReplica(asdict(resolve_model(str(checkpoint))), asdict(ServeParams()))
+
+    async def broken(request: Request) -> None:
+        raise RuntimeError("a bug")
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/model",
+        "headers": [],
+        "query_string": b"",
+    }
+    response = asyncio.run(replica._handle("/v1/model", Request(scope, receive), broken))
+    assert response.status_code == 500
+    assert b"internal error (RuntimeError)" in response.body
+    answered = asyncio.run(replica.model_info(Request(scope, receive)))
+    assert answered.status_code == 200 and b'"classes":["B","NK","T"]' in answered.body
