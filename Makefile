@@ -19,9 +19,15 @@ $(STAMP): pyproject.toml
 
 # the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,
 # fine-tune, sweep, 5-fold CV), then the model at paper size, the fine-tuned model on real
-# test-fold cells, and the CV run registered and promoted in the MLflow registry
+# test-fold cells, the CV run registered and promoted in the MLflow registry, and the champion
+# served over HTTP annotating every ingested cell.
+# A fresh clone has the sweep and cv stages' reports (committed), so DVC finds those stages up to
+# date, but not the MLflow runs behind them, which the registry step needs: --tracked checks, and
+# the two stages run again when their runs are not in this machine's MLflow.
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(PY) -m scbert_platform.demo --tracked reports/sweep.json reports/cv.json || \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item sweep cv
 	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
 		--sweep-report reports/sweep.md --cv-report reports/cv.json --serve
 

@@ -60,7 +60,19 @@ def main(argv: list[str] | None = None) -> None:
         help="then serve the champion over HTTP and annotate the --cells-dir cells through it",
     )
     parser.add_argument("--params", default="params.yaml", help="its serve section is used")
+    parser.add_argument(
+        "--tracked",
+        nargs="+",
+        metavar="REPORT",
+        help="only check that each report's MLflow run is in this machine's tracking store "
+        "(exit 1 if not: the stage that wrote it must run again here)",
+    )
     args = parser.parse_args(argv)
+    if args.tracked:
+        missing = [report for report in args.tracked if not tracked(Path(report))]
+        for report in missing:
+            print(f"{report}: its MLflow run is not in this machine's tracking store")
+        raise SystemExit(1 if missing else 0)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
 
     model = build_paper_model(n_classes=args.classes).eval()
@@ -116,6 +128,19 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
     )
     for true, guess, p in zip(truth, predicted, proba.max(dim=1).values.tolist(), strict=True):
         print(f"  {'ok ' if true == guess else 'x  '}{true:30} -> {guess} ({p:.2f})")
+
+
+def tracked(report: Path) -> bool:
+    """Whether the run a stage report names (``mlflow_run_id``) is in the tracking store."""
+    from scbert_tune.registry import registry_client
+
+    if not report.is_file():
+        return False
+    run_id = json.loads(report.read_text()).get("mlflow_run_id")
+    try:
+        return bool(run_id) and registry_client().get_run(run_id) is not None
+    except Exception:  # MlflowException: no such run (a fresh clone with committed reports)
+        return False
 
 
 def register_and_promote(cv_report: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -39,3 +40,23 @@ def test_demo_annotates_test_fold_cells(pbmc_shards, tmp_path, capsys) -> None: 
     lines = capsys.readouterr().out.splitlines()
     assert "8 real cells of test fold 0" in lines[0]
     assert len(lines) == 9 and all(" -> " in line for line in lines[1:])
+
+
+def test_tracked_tells_a_fresh_clone_to_rerun_the_reporting_stages(workdir: Path) -> None:
+    """A clone has the committed reports but not the MLflow runs behind them (make demo then
+    reruns the sweep and cv stages)."""
+    import json
+
+    from conftest import finetuned_run
+
+    from scbert_platform.demo import main, tracked
+
+    report = workdir / "cv.json"
+    assert not tracked(report)  # no report
+    report.write_text(json.dumps({"mlflow_run_id": "0123456789abcdef0123456789abcdef"}))
+    assert not tracked(report)  # a run of another machine
+    report.write_text(json.dumps({"mlflow_run_id": finetuned_run(workdir, 0.5)}))
+    assert tracked(report)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--tracked", str(report), str(workdir / "sweep.json")])
+    assert exit_code.value.code == 1
