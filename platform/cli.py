@@ -482,25 +482,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = run(args)
         return _interrupted(args.verb) if interrupted() else code
-    except (
-        IngestError,
-        ParamsError,
-        PanelError,
-        TrainingError,
-        GateRefused,
-        FileNotFoundError,
-        KeyError,
-        ValueError,
-    ) as err:
-        print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return _interrupted(args.verb)
-    except SystemError as err:
-        # Ctrl-C inside compiled code (numba in scanpy's normalisation) surfaces as a SystemError
-        # whose cause is the KeyboardInterrupt
-        if isinstance(err.__cause__ or err.__context__, KeyboardInterrupt):
+    except Exception as err:
+        # Ctrl-C inside compiled code (numba in scanpy's normalisation) surfaces as whatever that
+        # code raises: a SystemError caused by the KeyboardInterrupt, or by a ValueError
+        if interrupted() or isinstance(err.__cause__ or err.__context__, KeyboardInterrupt):
             return _interrupted(args.verb)
+        if isinstance(
+            err,
+            IngestError
+            | ParamsError
+            | PanelError
+            | TrainingError
+            | GateRefused
+            | FileNotFoundError
+            | KeyError
+            | ValueError,
+        ):
+            print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
+            return 2
         raise
 
 
