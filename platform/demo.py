@@ -132,7 +132,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
 
 def tracked(report: Path) -> bool:
     """Whether the run a stage report names (``mlflow_run_id``) is in the tracking store."""
-    from scbert_tune.registry import registry_client
+    from scbert_platform.tracking import registry_client
 
     if not report.is_file():
         return False
@@ -146,8 +146,8 @@ def tracked(report: Path) -> bool:
 def register_and_promote(cv_report: Path) -> str:
     """Register the CV run's model (once per run) and promote it if it passes the gate; a
     refusal is reported, not an error: the gate doing its job is part of the demo."""
-    from scbert_platform.tracking import tracking_uri
-    from scbert_tune.registry import CHAMPION, GateRefused, promote, register, registry_client
+    from scbert_platform.tracking import registry_client, tracking_uri
+    from scbert_tune.registry import CHAMPION, GateRefused, promote, register
 
     summary = json.loads(cv_report.read_text())
     markdown = cv_report.with_suffix(".md")
@@ -188,9 +188,9 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     from scbert_platform.loader import ShardInfo
     from scbert_platform.params import Params
     from scbert_platform.pyfunc import shard_counts
+    from scbert_platform.tracking import registry_client
     from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run
     from scbert_serve.schema import sparse_cells
-    from scbert_tune.registry import registry_client
 
     params = Params.load(params_file).serve
     params.model = f"models:/{name}@champion"

@@ -412,8 +412,13 @@ class ChunkSpec:
     cell_ids: tuple[str, ...]  # of rows start..stop, for error messages and shards
 
 
-def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> sp.csr_matrix:
+def read_counts(
+    spec: ChunkSpec,
+    rows: Callable[[int, int], sp.csr_matrix],
+    hints: dict[str, str] | None = None,
+) -> sp.csr_matrix:
     """Rows of the input, validated; log-normalised input is inverted to normalised values."""
+    hints = hints or INGEST_HINTS
     x = sp.csr_matrix(rows(spec.start, spec.stop), dtype=np.float64)
     x.sum_duplicates()
     check_counts(
@@ -421,16 +426,24 @@ def read_counts(spec: ChunkSpec, rows: Callable[[int, int], sp.csr_matrix]) -> s
         lambda entry: _cell_of(x, spec, entry),
         integers=not spec.input_normalized,
         where=f" in cells {spec.start}..{spec.stop - 1}",
+        hints=hints,
     )
     if spec.input_normalized:
         if x.nnz and np.all(x.data == np.round(x.data)):
             raise IngestError(
-                "--input-normalized was given, but every value is an integer (up to "
-                f"{x.data.max():.0f}): they look like raw counts; drop --input-normalized "
-                "(it is for log1p of normalised counts)"
+                f"the input was declared log-normalised, but every value is an integer (up to "
+                f"{x.data.max():.0f}): they look like raw counts; {hints['looks_raw']}"
             )
         x.data = np.expm1(x.data) if spec.log_base is None else np.power(spec.log_base, x.data) - 1
     x.eliminate_zeros()
+    return x
+
+
+def recover_counts(x: sp.csr_matrix) -> sp.csr_matrix:
+    """Integer counts from normalised values (counts times a per-cell factor): each cell divided
+    by its smallest value (almost always a count of 1), rounded; see ``count_scale_deviation``."""
+    x = x.copy()
+    x.data = np.round(x.data / np.repeat(_row_min(x), np.diff(x.indptr)))
     return x
 
 
@@ -442,6 +455,7 @@ INGEST_HINTS = {
     "--layer counts",
     "integer": "ingest needs raw counts; for log-normalised data pass --input-normalized, or "
     "read the counts from another matrix with --layer NAME or --use-raw",
+    "looks_raw": "drop --input-normalized (it is for log1p of normalised counts)",
 }
 
 
@@ -594,7 +608,7 @@ def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardRe
         with chunk.source.rows() as rows:
             x = read_counts(chunk, rows)
         if spec.recover_counts:
-            x.data = np.round(x.data / np.repeat(_row_min(x), np.diff(x.indptr)))
+            x = recover_counts(x)
         counts = align(x, positions, n_panel)[keep]
         values = normalise(counts, spec.target_sum)
         tables.append(

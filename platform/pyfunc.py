@@ -79,25 +79,55 @@ def counts_to_tokens(
     return panel_tokens(aligned, n_bins=n_bins, target_sum=target_sum)
 
 
+EMBEDDINGS = ("encoder", "classifier")
+
+
 def predict_tokens(
-    model: Any, tokens: Any, *, chunk_cells: int = 64, device: Any = None
+    model: Any,
+    tokens: Any,
+    *,
+    chunk_cells: int = 64,
+    device: Any = None,
+    embedding: str = "encoder",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (cells, n_classes) and cell embeddings (cells, dim: the mean encoding,
-    as ``ScBert.embed_cells``) from one encoder pass, ``chunk_cells`` cells at a time (on CPU
-    32-64 is fastest per cell; bench/RESULTS.md), under bf16 autocast on a CUDA device."""
+    """Class probabilities (cells, n_classes) and cell embeddings from one encoder pass,
+    ``chunk_cells`` cells at a time (on CPU 32-64 is fastest per cell; bench/RESULTS.md), under
+    bf16 autocast on a CUDA device. ``embedding``: ``encoder`` = the mean encoding over the gene
+    positions (cells, dim), as ``ScBert.embed_cells``; ``classifier`` = the cell-type head's last
+    hidden layer (cells, 128). A pretraining checkpoint (no cell-type head) gives probabilities
+    of shape (cells, 0) and only the encoder embedding."""
     import torch
 
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
     device = torch.device(device) if device is not None else model.token_emb.weight.device
-    probas, embeddings = [], []
+    classify = model.config.n_classes is not None
+    if embedding == "classifier" and not classify:
+        raise ValueError("the classifier embedding needs a fine-tuned model (a cell-type head)")
+    probas, embeddings = [torch.zeros(len(tokens), 0)], []
     with (
         torch.inference_mode(),
         torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         for chunk in tokens.split(chunk_cells):
             encoded = model.encode(chunk.to(device, non_blocking=True))
-            probas.append(model.head(encoded).float().softmax(dim=-1).cpu())
-            embeddings.append(encoded[:, :-1].float().mean(dim=1).cpu())
-    return torch.cat(probas).numpy(), torch.cat(embeddings).numpy()
+            if classify:
+                hidden = model.head.hidden(encoded)
+                probas.append(model.head.fc3(hidden).float().softmax(dim=-1).cpu())
+            cells = hidden if embedding == "classifier" else encoded[:, :-1].mean(dim=1)
+            embeddings.append(cells.float().cpu())
+    proba = torch.cat(probas[1:]) if classify else probas[0]
+    return proba.numpy(), torch.cat(embeddings).numpy()
+
+
+def cell_types(proba: np.ndarray, classes: list[str], threshold: float) -> list[str]:
+    """The most probable class of each cell, or Unassigned below ``threshold`` (the paper's rule,
+    ``scbert.assign_cell_types``) for a NumPy probability matrix."""
+    import torch
+
+    from scbert import assign_cell_types
+
+    return assign_cell_types(torch.from_numpy(proba), classes, threshold=threshold)
 
 
 class ScBertAnnotator:
@@ -133,15 +163,10 @@ class ScBertAnnotator:
             counts, [str(g) for g in genes], self.panel, n_bins=self.model.config.n_bins
         )
         proba, _ = predict_tokens(self.model, tokens)
-        best = proba.argmax(axis=1)
-        top = proba[np.arange(len(best)), best]
         out = pd.DataFrame(
             {
-                "cell_type": [
-                    self.labels[i] if p >= threshold else "Unassigned"
-                    for i, p in zip(best, top, strict=True)
-                ],
-                "probability": top,
+                "cell_type": cell_types(proba, self.labels, threshold),
+                "probability": proba.max(axis=1),
             },
             index=index,
         )

@@ -23,6 +23,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+def registry_client() -> Any:
+    """An MLflow client on this tracking URI, which also holds the model registry."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
 def experiment_id(name: str) -> str:
     """The experiment's id, created if missing (local artifacts beside the default database)."""
     import mlflow

@@ -130,11 +130,14 @@ class CellTypeHead(nn.Module):
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(config.cls_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (b, 128): what the classifier separates the types in."""
         x = self.act(self.per_gene(x)).squeeze(-1)  # (b, n_genes + 1)
         x = self.dropout(self.act(self.fc1(x)))
-        x = self.dropout(self.act(self.fc2(x)))
-        return self.fc3(x)  # (b, n_classes)
+        return self.dropout(self.act(self.fc2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.hidden(x))  # (b, n_classes)
 
 
 class ScBert(nn.Module):

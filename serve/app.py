@@ -25,8 +25,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
+from scbert_platform.models import ModelSource, load_model, resolve_model
 from scbert_platform.params import Params, ServeParams
 from scbert_serve.schema import (
     AnnotateRequest,
@@ -51,68 +51,6 @@ LOG = logging.getLogger("ray.serve")
 TOKEN_ENV = "SCBERT_API_TOKEN"
 JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What a replica loads: ``uri`` (``models:/NAME/VERSION`` or a directory) and its names."""
-
-    uri: str
-    name: str
-    version: str | None = None
-    alias: str | None = None
-    tracking_uri: str | None = None
-
-
-def resolve_model(ref: str) -> ModelSource:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), or a directory: a
-    checkpoint (``config.json``) or an MLflow pyfunc model (``MLmodel``)."""
-    if ref.startswith("models:/"):
-        from scbert_platform.tracking import tracking_uri
-        from scbert_tune.registry import registry_client
-
-        path = ref.removeprefix("models:/")
-        name, at, alias = path.partition("@")
-        client = registry_client()
-        if at:
-            try:
-                version = str(client.get_model_version_by_alias(name, alias).version)
-            except Exception as err:
-                raise ValueError(
-                    f"{ref}: no version of {name!r} has the alias {alias!r} in "
-                    f"{tracking_uri()} ({err}); scbert register and scbert promote one first"
-                ) from None
-            return ModelSource(f"models:/{name}/{version}", name, version, alias, tracking_uri())
-        name, slash, version = path.partition("/")
-        if not slash or not version.isdigit():
-            raise ValueError(f"{ref}: name a version (models:/NAME/3) or an alias (NAME@champion)")
-        client.get_model_version(name, version)  # fails clearly if it does not exist
-        return ModelSource(ref, name, version, None, tracking_uri())
-    path = Path(ref).expanduser().resolve()
-    if not ((path / "config.json").is_file() or (path / "MLmodel").is_file()):
-        raise ValueError(
-            f"{ref}: neither a registry URI (models:/NAME@ALIAS) nor a model directory "
-            "(an scBERT checkpoint with config.json, or an MLflow model with MLmodel)"
-        )
-    return ModelSource(str(path), path.name)
-
-
-def load_model(source: ModelSource) -> tuple[Any, list[str], list[str]]:
-    """(model in eval mode, panel, class names) from a source."""
-    from scbert import load_pretrained
-
-    if (Path(source.uri) / "config.json").is_file():
-        bundle = load_pretrained(source.uri)
-        if bundle.labels is None:
-            raise ValueError(f"{source.uri} is a pretraining checkpoint: serve a fine-tuned one")
-        return bundle.model.eval(), bundle.panel, bundle.labels
-    import mlflow
-
-    if source.tracking_uri:
-        mlflow.set_tracking_uri(source.tracking_uri)
-        mlflow.set_registry_uri(source.tracking_uri)
-    annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
-    return annotator.model.eval(), list(annotator.panel), list(annotator.labels)
 
 
 def error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
@@ -173,7 +111,9 @@ class AnnotatorReplica:
 
         self.source = ModelSource(**source)
         self.settings = ServeParams(**settings)
-        self.model, panel, self.classes = load_model(self.source)
+        self.model, panel, classes = load_model(self.source)
+        assert classes is not None  # load_model refuses a checkpoint without cell types
+        self.classes = classes
         self.panel = Panel(tuple(panel))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -426,18 +366,18 @@ class AnnotatorReplica:
         self, ids: list[str], proba: np.ndarray, n_genes: np.ndarray, threshold: float, top_k: int
     ) -> list[dict[str, Any]]:
         from scbert import UNASSIGNED
+        from scbert_platform.pyfunc import cell_types
 
         order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+        names = cell_types(proba, self.classes, threshold)
         cells = []
         for row, cell_id in enumerate(ids):
-            best = float(proba[row, order[row, 0]])
-            unassigned = best < threshold
             cells.append(
                 {
                     "id": cell_id,
-                    "cell_type": UNASSIGNED if unassigned else self.classes[order[row, 0]],
-                    "probability": round(best, 6),
-                    "unassigned": unassigned,
+                    "cell_type": names[row],
+                    "probability": round(float(proba[row, order[row, 0]]), 6),
+                    "unassigned": names[row] == UNASSIGNED,
                     "n_genes": int(n_genes[row]),
                     "top_k": [
                         {

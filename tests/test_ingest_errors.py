@@ -280,7 +280,7 @@ CASES = {
     ),
     "--input-normalized on raw counts": Case(
         good,
-        r"--input-normalized was given.*look like raw counts; drop --input-normalized",
+        r"declared log-normalised.*look like raw counts; drop --input-normalized",
         {"input_normalized": True},
     ),
     "QC removes every cell": Case(

@@ -21,7 +21,7 @@ from scbert_tune.registry import (
 
 
 def version_of(alias: str) -> Any:
-    from scbert_tune.registry import registry_client
+    from scbert_platform.tracking import registry_client
 
     return registry_client().get_model_version_by_alias("scbert-toy", alias)
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from scbert_platform.tracking import MODEL_URI_TAG
+from scbert_platform.tracking import MODEL_URI_TAG, registry_client
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -41,16 +41,6 @@ class AliasMove:
     version: str
     previous: str | None
     reason: str
-
-
-def registry_client() -> Any:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from scbert_platform.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
 def register(run_id: str, *, name: str | None = None) -> AliasMove:

@@ -1,0 +1,89 @@
+"""Where a trained model comes from: the MLflow registry or a directory, resolved and loaded the
+same way by ``scbert annotate`` / ``embed`` / ``explain`` (offline) and by ``scbert serve``.
+
+References: ``models:/NAME@ALIAS`` (resolved to the version the alias points at now),
+``models:/NAME/VERSION``, an scBERT checkpoint directory (``config.json``) or an MLflow pyfunc
+model directory (``MLmodel``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``uri`` (``models:/NAME/VERSION`` or a directory) and its names."""
+
+    uri: str
+    name: str
+    version: str | None = None
+    alias: str | None = None
+    tracking_uri: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        """Name, version, alias and URI, as recorded next to what the model produced."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "uri": self.uri,
+        }
+
+
+def resolve_model(ref: str) -> ModelSource:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), or a directory: a
+    checkpoint (``config.json``) or an MLflow pyfunc model (``MLmodel``)."""
+    if ref.startswith("models:/"):
+        from scbert_platform.tracking import registry_client, tracking_uri
+
+        path = ref.removeprefix("models:/")
+        name, at, alias = path.partition("@")
+        client = registry_client()
+        if at:
+            try:
+                version = str(client.get_model_version_by_alias(name, alias).version)
+            except Exception as err:
+                raise ValueError(
+                    f"{ref}: no version of {name!r} has the alias {alias!r} in "
+                    f"{tracking_uri()} ({err}); scbert register and scbert promote one first"
+                ) from None
+            return ModelSource(f"models:/{name}/{version}", name, version, alias, tracking_uri())
+        name, slash, version = path.partition("/")
+        if not slash or not version.isdigit():
+            raise ValueError(f"{ref}: name a version (models:/NAME/3) or an alias (NAME@champion)")
+        client.get_model_version(name, version)  # fails clearly if it does not exist
+        return ModelSource(ref, name, version, None, tracking_uri())
+    path = Path(ref).expanduser().resolve()
+    if not ((path / "config.json").is_file() or (path / "MLmodel").is_file()):
+        raise ValueError(
+            f"{ref}: neither a registry URI (models:/NAME@ALIAS) nor a model directory "
+            "(an scBERT checkpoint with config.json, or an MLflow model with MLmodel)"
+        )
+    return ModelSource(str(path), path.name)
+
+
+def load_model(
+    source: ModelSource, *, fine_tuned: bool = True
+) -> tuple[Any, list[str], list[str] | None]:
+    """(model in eval mode, panel, class names) from a source. With ``fine_tuned=False`` a
+    pretraining checkpoint is accepted too (its class names are None): embeddings need no head."""
+    from scbert import load_pretrained
+
+    if (Path(source.uri) / "config.json").is_file():
+        bundle = load_pretrained(source.uri)
+        if fine_tuned and bundle.labels is None:
+            raise ValueError(
+                f"{source.uri} is a pretraining checkpoint (no labels.json): cell types need a "
+                "fine-tuned one (scbert finetune --out DIR)"
+            )
+        return bundle.model.eval(), list(bundle.panel), bundle.labels
+    import mlflow
+
+    if source.tracking_uri:
+        mlflow.set_tracking_uri(source.tracking_uri)
+        mlflow.set_registry_uri(source.tracking_uri)
+    annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
+    return annotator.model.eval(), list(annotator.panel), list(annotator.labels)
