@@ -288,6 +288,140 @@ def _study_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--init-from", help="pretrained checkpoint: our directory or a published .pth")
 
 
+def _read_h5ad(path: str, backed: bool | None) -> tuple[object, str | None]:
+    """The AnnData and, when it is read backed (``--backed``, or a file over 2 GiB), its file."""
+    import anndata
+
+    from scbert_platform.annotation import AnnotationError
+    from scbert_platform.ingest import _quiet_anndata
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if file.suffix != ".h5ad":
+        raise AnnotationError(
+            f"{path}: give an .h5ad file (other formats: scbert ingest reads them)"
+        )
+    if backed is None:
+        backed = file.stat().st_size > 2 * 1024**3
+    with _quiet_anndata():
+        adata = anndata.read_h5ad(file, backed="r" if backed else None)
+    return adata, str(file) if backed else None
+
+
+def _input_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "layer": args.layer,
+        "use_raw": args.use_raw,
+        "input": args.input,
+        "gene_column": args.gene_column,
+    }
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from scbert_platform.annotation import annotate, embed, predictions_table, write_h5ad
+
+    adata, source = _read_h5ad(args.input_file, args.backed)
+    common = {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "embedding": args.embedding,
+        "chunk_cells": args.chunk_cells,
+        "distributed": args.distributed,
+        "workers": args.workers,
+        "progress": not args.quiet,
+        **_input_options(args),
+    }
+    if args.verb == "embed":
+        embed(adata, args.model, **common)
+    else:
+        annotate(
+            adata,
+            args.model,
+            threshold=args.threshold,
+            majority_vote=args.majority_vote or bool(args.over_clustering),
+            over_clustering=args.over_clustering,
+            min_prop=args.min_prop,
+            **common,
+        )
+    write_h5ad(adata, args.out, source=source)
+    summary = dict(adata.uns["scbert"])
+    if args.verb == "annotate":
+        if args.csv:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            predictions_table(adata).to_csv(args.csv)
+        if args.plots:
+            from scbert_platform.plots import write_plots
+
+            scores = write_plots(
+                adata, args.plots, label_key=args.label_key, **_input_options(args)
+            )
+            summary["plots"] = scores
+        counts = adata.obs["scbert_cell_type"].value_counts()
+        summary["cell_types"] = {str(k): int(v) for k, v in counts.items()}
+    else:
+        if args.npy:
+            import numpy as np
+
+            np.save(args.npy, adata.obsm["X_scbert"])
+    summary.pop("classes", None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from scbert_platform.annotation import CELL_TYPE, annotate
+    from scbert_platform.explanation import explain, write_explanation
+
+    adata, _ = _read_h5ad(args.input_file, False)
+    if args.groupby is None and CELL_TYPE not in adata.obs:
+        annotate(
+            adata, args.model, device=args.device, progress=not args.quiet, **_input_options(args)
+        )
+    explanation = explain(
+        adata,
+        args.model,
+        groupby=args.groupby,
+        top_n=args.top_n,
+        rank_by=args.rank_by,
+        min_cells=args.min_cells,
+        device=args.device,
+        progress=not args.quiet,
+        **_input_options(args),
+    )
+    files = write_explanation(explanation, args.out)
+    for group, genes in explanation.genes().items():
+        print(f"{group} ({explanation.n_cells[group]} cells): {', '.join(genes)}")
+    print(f"wrote {len(files)} files to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _model_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("input_file", metavar="IN.h5ad", help="cells to read (.h5ad)")
+    sub.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        help="models:/NAME@champion, models:/NAME/3, or a checkpoint / MLflow model directory",
+    )
+    sub.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    sub.add_argument("--layer", help="read this layer instead of .X")
+    sub.add_argument(
+        "--use-raw",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read .raw (default: .raw when .X holds scaled, negative values)",
+    )
+    sub.add_argument(
+        "--input",
+        choices=["auto", "counts", "log1p"],
+        default="auto",
+        help="raw counts or log1p of normalised counts (auto: integers are counts)",
+    )
+    sub.add_argument("--gene-column", help="match genes by this var column, not var_names")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from scbert_platform.datasets import fetch
 
@@ -452,6 +586,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(srv)
     srv.set_defaults(run=cmd_serve)
+
+    for verb, text in (
+        ("annotate", "cell types, probabilities and embeddings into an .h5ad (offline)"),
+        ("embed", "cell embeddings (obsm X_scbert) into an .h5ad; pretrained models too"),
+    ):
+        sub = verbs.add_parser(verb, help=text)
+        _model_flags(sub)
+        sub.add_argument("-o", "--out", required=True, help="output .h5ad (written atomically)")
+        sub.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
+        sub.add_argument(
+            "--embedding",
+            choices=["auto", "classifier", "encoder"],
+            default="auto",
+            help="obsm X_scbert: the classifier's last hidden layer (auto for a fine-tuned "
+            "model) or the mean encoding",
+        )
+        sub.add_argument("--chunk-cells", type=int, default=1024, help="cells read at a time")
+        sub.add_argument(
+            "--backed",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="stream the matrix from disk (default: for files over 2 GiB)",
+        )
+        sub.add_argument(
+            "--distributed", action="store_true", help="spread chunks over Ray Data workers"
+        )
+        sub.add_argument("--workers", type=int, help="--distributed: number of workers")
+        if verb == "annotate":
+            sub.add_argument("--csv", help="also write one row per cell as CSV")
+            sub.add_argument(
+                "--threshold", type=float, default=0.5, help="Unassigned below this probability"
+            )
+            sub.add_argument(
+                "--majority-vote", action="store_true", help="add obs scbert_majority_vote"
+            )
+            sub.add_argument(
+                "--over-clustering", help="obs column of clusters to vote in (implies voting)"
+            )
+            sub.add_argument(
+                "--min-prop", type=float, default=0.0, help="Heterogeneous below this share"
+            )
+            sub.add_argument("--plots", help="write UMAP, confusion, probability PNGs here")
+            sub.add_argument(
+                "--label-key", help="obs column of true labels (confusion matrix and ARI)"
+            )
+        else:
+            sub.add_argument("--npy", help="also save the embeddings as a .npy array")
+        sub.set_defaults(run=cmd_annotate)
+
+    exp = verbs.add_parser(
+        "explain", help="top genes per cell type by attention (CSV, GMT, heatmap, dot plot)"
+    )
+    _model_flags(exp)
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument(
+        "--groupby", help="obs column of cell types (default: the model's predicted types)"
+    )
+    exp.add_argument("--top-n", type=int, default=10, help="genes per type")
+    exp.add_argument(
+        "--rank-by",
+        choices=["attention", "specificity"],
+        default="attention",
+        help="mean attention (the paper's) or attention relative to the other types",
+    )
+    exp.add_argument("--min-cells", type=int, default=5, help="skip smaller groups")
+    exp.set_defaults(run=cmd_explain)
 
     fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
     fetch.add_argument("name", help="pbmc68k_reduced")

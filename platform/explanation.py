@@ -1,0 +1,281 @@
+"""Which genes scBERT attends to, per cell type (paper Fig. 5a and 5c).
+
+For every cell the model computes the attention each gene receives: the column sums of the
+attention matrix averaged over heads and layers, in O(n) memory (``ScBert.attention_sums``; the
+Performer never forms the n x n matrix). ``explain`` averages them over the cells of each group
+(true labels, or the predicted types) and ranks the genes:
+
+- ``rank_by="attention"`` (the paper's): the highest mean attention in the type;
+- ``rank_by="specificity"``: the highest attention relative to the other types (the type's mean
+  minus the mean over types, in units of the spread over types), which surfaces markers rather
+  than the genes every cell attends to.
+
+Outputs (``write_explanation``): ``top_genes.csv`` (type, rank, gene, attention, specificity,
+fraction of the type's cells expressing it, z-scored mean expression), ``top_genes.gmt`` and one
+``genes_<type>.txt`` per type (for Enrichr, g:Profiler, GSEA), ``attention_heatmap.png`` (types x
+top genes, Fig. 5a) and ``expression_dotplot.png`` (z-scored expression of the top genes by
+type, dot size = fraction expressing, Fig. 5c).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scbert_platform.annotation import (
+    CELL_TYPE,
+    DEFAULT_CHUNK_CELLS,
+    AnnotationError,
+    LoadedModel,
+    _row_reader,
+    chunk_ranges,
+    chunk_tokens,
+    expression_input,
+)
+
+RANKINGS = ("attention", "specificity")
+
+
+@dataclass
+class Explanation:
+    """Per group: mean attention and expression statistics over the panel genes, and the top
+    genes. ``attention``, ``expression`` (z-scored mean of log2(1 + normalised counts)) and
+    ``fraction`` (share of cells expressing) are DataFrames groups x panel genes."""
+
+    groupby: str
+    rank_by: str
+    attention: Any
+    expression: Any
+    fraction: Any
+    n_cells: dict[str, int]
+    top: Any  # DataFrame: cell_type, rank, gene, attention, specificity, fraction, expression_z
+
+    def genes(self) -> dict[str, list[str]]:
+        """The top genes of each group, in rank order."""
+        return {g: list(t["gene"]) for g, t in self.top.groupby("cell_type", sort=False)}
+
+
+def explain(
+    adata: Any,
+    model: Any = "models:/scbert-pbmc68k@champion",
+    *,
+    groupby: str | None = None,
+    top_n: int = 10,
+    rank_by: str = "attention",
+    min_cells: int = 5,
+    batch_size: int = 32,
+    device: str = "auto",
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    input: str = "auto",
+    gene_column: str | None = None,
+    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    progress: bool = True,
+) -> Explanation:
+    """Attention per gene averaged by group (``groupby``: an obs column; default the predicted
+    types of ``annotate``), and each group's ``top_n`` genes. Groups with fewer than
+    ``min_cells`` cells are left out (their means are noise)."""
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+
+    from scbert_platform.ingest import normalise
+
+    if rank_by not in RANKINGS:
+        raise AnnotationError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
+    if top_n < 1:
+        raise AnnotationError(f"top_n must be >= 1, got {top_n}")
+    groupby = groupby or CELL_TYPE
+    if groupby not in adata.obs:
+        hint = " (run annotate first, or name a label column)" if groupby == CELL_TYPE else ""
+        raise AnnotationError(
+            f"no obs column {groupby!r} to group cells by{hint}; columns: {list(adata.obs.columns)}"
+        )
+    groups = adata.obs[groupby]
+    codes, names = pd.factorize(groups.astype(str).where(groups.notna()), sort=True)
+    loaded = LoadedModel.load(model, device=device, fine_tuned=False)
+    found, matrix = expression_input(
+        adata, layer=layer, use_raw=use_raw, input=input, gene_column=gene_column
+    )
+    panel = loaded.panel
+    positions = panel.positions(list(found.genes))
+    n_groups, n_panel = len(names), len(panel)
+    attention = np.zeros((n_groups, n_panel))
+    expr_sum = np.zeros((n_groups, n_panel))
+    expressed = np.zeros((n_groups, n_panel))
+    total, total_sq = np.zeros(n_panel), np.zeros(n_panel)
+    net = loaded.model
+    with (
+        _row_reader(found, matrix) as read,
+        tqdm(total=found.n_cells, unit="cell", desc="attention", disable=not progress) as bar,
+    ):
+        for start, stop in chunk_ranges(found.n_cells, chunk_cells):
+            tokens, aligned, _ = chunk_tokens(
+                found, read, start, stop, positions, n_panel, net.config.n_bins
+            )
+            sums = torch.cat(
+                [
+                    net.attention_sums(t.to(loaded.device)).float().cpu()
+                    for t in tokens.split(batch_size)
+                ]
+            ).numpy()
+            values = normalise(aligned, 1e4)
+            dense = values.toarray()
+            total += dense.sum(axis=0)
+            total_sq += (dense**2).sum(axis=0)
+            chunk_codes = codes[start:stop]
+            keep = chunk_codes >= 0
+            onehot = np.zeros((n_groups, stop - start))
+            onehot[chunk_codes[keep], np.flatnonzero(keep)] = 1.0
+            attention += onehot @ sums
+            expr_sum += onehot @ dense
+            expressed += onehot @ (dense > 0)
+            bar.update(stop - start)
+    counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(float)
+    kept = counts >= min_cells
+    if not kept.any():
+        raise AnnotationError(f"no group of {groupby!r} has {min_cells} or more cells (min_cells)")
+    n = found.n_cells
+    mean, std = total / n, np.sqrt(np.maximum(total_sq / n - (total / n) ** 2, 0))
+    frame = lambda a: pd.DataFrame(  # noqa: E731
+        (a / counts[:, None])[kept], index=list(names[kept]), columns=list(panel.genes)
+    )
+    mean_attention = frame(attention)
+    expression = (frame(expr_sum) - mean) / np.where(std > 0, std, 1.0)
+    fraction = frame(expressed)
+    top = _top_genes(mean_attention, expression, fraction, top_n, rank_by)
+    return Explanation(
+        groupby,
+        rank_by,
+        mean_attention,
+        expression,
+        fraction,
+        {str(g): int(c) for g, c in zip(names[kept], counts[kept], strict=True)},
+        top,
+    )
+
+
+def _top_genes(attention: Any, expression: Any, fraction: Any, top_n: int, rank_by: str) -> Any:
+    import pandas as pd
+
+    spread = attention.std(axis=0).replace(0, 1.0)
+    specificity = (attention - attention.mean(axis=0)) / spread
+    score = attention if rank_by == "attention" else specificity
+    rows = []
+    for group in attention.index:
+        best = score.loc[group].sort_values(ascending=False, kind="stable").index[:top_n]
+        for rank, gene in enumerate(best, start=1):
+            rows.append(
+                {
+                    "cell_type": group,
+                    "rank": rank,
+                    "gene": gene,
+                    "attention": float(attention.at[group, gene]),
+                    "specificity": float(specificity.at[group, gene]),
+                    "fraction": float(fraction.at[group, gene]),
+                    "expression_z": float(expression.at[group, gene]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "group"
+
+
+def write_explanation(explanation: Explanation, out: str | Path) -> list[Path]:
+    """CSV, GMT, per-type gene lists and the two figures under ``out``; logged to the active
+    MLflow run, if any. Returns the files written."""
+    from scbert_platform.plots import log_to_mlflow
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "top_genes.csv"]
+    explanation.top.to_csv(files[0], index=False)
+    genes = explanation.genes()
+    gmt = out / "top_genes.gmt"
+    gmt.write_text(
+        "".join(
+            f"{_slug(g)}\tscBERT top {len(v)} genes by {explanation.rank_by} "
+            f"({explanation.groupby}={g})\t" + "\t".join(v) + "\n"
+            for g, v in genes.items()
+        )
+    )
+    files.append(gmt)
+    for group, names in genes.items():
+        path = out / f"genes_{_slug(group)}.txt"
+        path.write_text("\n".join(names) + "\n")
+        files.append(path)
+    files.append(attention_heatmap(explanation, out / "attention_heatmap.png"))
+    files.append(expression_dotplot(explanation, out / "expression_dotplot.png"))
+    log_to_mlflow(files, artifact_path="explain")
+    return files
+
+
+def _columns(explanation: Explanation) -> list[str]:
+    """The top genes of all groups, group by group, each gene once."""
+    seen: list[str] = []
+    for names in explanation.genes().values():
+        seen += [g for g in names if g not in seen]
+    return seen
+
+
+def attention_heatmap(explanation: Explanation, path: str | Path) -> Path:
+    """Types x their top genes: mean attention, each gene's column z-scored over the types."""
+    import matplotlib.pyplot as plt
+
+    from scbert_platform.plots import _save
+
+    columns = _columns(explanation)
+    table = explanation.attention[columns]
+    z = (table - table.mean(axis=0)) / table.std(axis=0).replace(0, 1.0)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.22 * len(columns), 1.4 + 0.38 * len(table)))
+    image = ax.imshow(z.to_numpy(), cmap="RdBu_r", vmin=-2.5, vmax=2.5, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(table)), table.index, fontsize=8)
+    ax.set_title(
+        f"attention received per gene, by {explanation.groupby} (top genes by "
+        f"{explanation.rank_by}; z-score over types)",
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=ax, fraction=0.03, label="attention z-score")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def expression_dotplot(explanation: Explanation, path: str | Path) -> Path:
+    """Types x their top genes: colour = z-scored mean expression, size = fraction expressing."""
+    import matplotlib.pyplot as plt
+
+    from scbert_platform.plots import _save
+
+    columns = _columns(explanation)
+    z = explanation.expression[columns].to_numpy()
+    fraction = explanation.fraction[columns].to_numpy()
+    rows = list(explanation.expression.index)
+    fig, ax = plt.subplots(figsize=(2.4 + 0.22 * len(columns), 1.6 + 0.38 * len(rows)))
+    yy, xx = np.meshgrid(range(len(rows)), range(len(columns)), indexing="ij")
+    dots = ax.scatter(
+        xx.ravel(), yy.ravel(), s=8 + 110 * fraction.ravel(), c=z.ravel(),
+        cmap="RdBu_r", vmin=-1.5, vmax=1.5, edgecolors="grey", linewidths=0.3,
+    )  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlim(-0.7, len(columns) - 0.3)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_title(f"expression of the top attention genes, by {explanation.groupby}", fontsize=9)
+    fig.colorbar(dots, ax=ax, fraction=0.03, label="mean expression z-score")
+    for share in (0.25, 0.5, 1.0):
+        ax.scatter(
+            [], [], s=8 + 110 * share, c="lightgrey", edgecolors="grey", label=f"{share:.0%}"
+        )
+    ax.legend(
+        title="expressing", fontsize=6, title_fontsize=7, loc="upper left",
+        bbox_to_anchor=(1.08, 0.0), frameon=False,
+    )  # fmt: skip
+    fig.tight_layout()
+    return _save(fig, path)
