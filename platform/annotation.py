@@ -30,6 +30,7 @@ than memory streams from its file; ``distributed=True`` spreads the chunks over 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,9 +157,7 @@ def expression_input(
         genes = var[gene_column].astype(str).tolist()
     else:
         genes = var.index.astype(str).tolist()
-    duplicated = (
-        sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) < len(genes) else []
-    )
+    duplicated = sorted(g for g, n in Counter(genes).items() if n > 1)
     if duplicated:
         raise AnnotationError(
             f"{len(duplicated)} duplicated gene names (first: {duplicated[:3]}): make them "

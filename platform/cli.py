@@ -344,26 +344,24 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             min_prop=args.min_prop,
             **common,
         )
-    write_h5ad(adata, args.out, source=source)
     summary = dict(adata.uns["scbert"])
+    if args.verb == "annotate" and args.plots:  # first: its UMAP and clusters are saved too
+        from scbert_platform.plots import write_plots
+
+        summary["plots"] = write_plots(
+            adata, args.plots, label_key=args.label_key, **_input_options(args)
+        )
+    write_h5ad(adata, args.out, source=source)
     if args.verb == "annotate":
         if args.csv:
             Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
             predictions_table(adata).to_csv(args.csv)
-        if args.plots:
-            from scbert_platform.plots import write_plots
-
-            scores = write_plots(
-                adata, args.plots, label_key=args.label_key, **_input_options(args)
-            )
-            summary["plots"] = scores
         counts = adata.obs["scbert_cell_type"].value_counts()
         summary["cell_types"] = {str(k): int(v) for k, v in counts.items()}
-    else:
-        if args.npy:
-            import numpy as np
+    elif args.npy:
+        import numpy as np
 
-            np.save(args.npy, adata.obsm["X_scbert"])
+        np.save(args.npy, adata.obsm["X_scbert"])
     summary.pop("classes", None)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -433,6 +433,7 @@ def test_cli_annotate_embed_explain(
     adata = anndata.read_h5ad(out)
     assert {CELL_TYPE, PROBABILITY, MAJORITY_VOTE} <= set(adata.obs.columns)
     assert adata.obsm[EMBEDDING].shape == (700, 8)  # the tiny classifier's last hidden layer
+    assert "X_scbert_umap" in adata.obsm and "scbert_leiden" in adata.obs  # the plots' work kept
     table = pd.read_csv(tmp_path / "predictions.csv", index_col="cell_id")
     assert (table[CELL_TYPE] == adata.obs[CELL_TYPE].astype(str)).all()
     assert (tmp_path / "plots" / "umap.png").is_file()
