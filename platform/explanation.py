@@ -83,8 +83,6 @@ def explain(
     import torch
     from tqdm import tqdm
 
-    from scbert_platform.ingest import normalise
-
     if rank_by not in RANKINGS:
         raise AnnotationError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
     if top_n < 1:
@@ -114,7 +112,7 @@ def explain(
         tqdm(total=found.n_cells, unit="cell", desc="attention", disable=not progress) as bar,
     ):
         for start, stop in chunk_ranges(found.n_cells, chunk_cells):
-            tokens, aligned, _ = chunk_tokens(
+            tokens, values, _ = chunk_tokens(
                 found, read, start, stop, positions, n_panel, net.config.n_bins
             )
             sums = torch.cat(
@@ -123,7 +121,6 @@ def explain(
                     for t in tokens.split(batch_size)
                 ]
             ).numpy()
-            values = normalise(aligned, 1e4)
             dense = values.toarray()
             total += dense.sum(axis=0)
             total_sq += (dense**2).sum(axis=0)

@@ -60,15 +60,23 @@ def aligned_counts(
     return align(matrix, positions, len(panel))
 
 
-def panel_tokens(aligned: Any, *, n_bins: int, target_sum: float = 1e4) -> Any:
-    """Aligned counts -> model tokens (cells, n_panel + 1): normalised and binned as ingest does."""
+def panel_values(aligned: Any, *, target_sum: float = 1e4) -> Any:
+    """Aligned counts -> log2(1 + normalised counts) (CSR, same sparsity), as ingest writes them."""
+    return normalise(aligned, target_sum) if aligned.nnz else aligned
+
+
+def value_tokens(values: Any, *, n_bins: int) -> Any:
+    """``panel_values`` -> model tokens (cells, n_panel + 1), binned as at training time."""
     from scbert import tokenize
 
-    empty = np.diff(aligned.indptr) == 0
-    values = normalise(aligned, target_sum) if aligned.nnz else aligned
     tokens = tokenize(values, n_bins)
-    tokens[empty] = 0
+    tokens[np.diff(values.indptr) == 0] = 0
     return tokens
+
+
+def panel_tokens(aligned: Any, *, n_bins: int, target_sum: float = 1e4) -> Any:
+    """Aligned counts -> model tokens (cells, n_panel + 1): normalised and binned as ingest does."""
+    return value_tokens(panel_values(aligned, target_sum=target_sum), n_bins=n_bins)
 
 
 def counts_to_tokens(
