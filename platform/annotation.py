@@ -61,6 +61,8 @@ EMBEDDING = "X_scbert"
 PROBABILITIES = "scbert_proba"
 UNS = "scbert"
 NEIGHBORS = "scbert_neighbors"  # the embedding's neighbour graph (obsp scbert_neighbors_*)
+UMAP = "X_scbert_umap"  # the embedding's UMAP (plots)
+LEIDEN = "scbert_leiden"  # the embedding's clusters at the labels' count (plots)
 DEFAULT_CHUNK_CELLS = 1024
 # values above this are not log1p of normalised counts (e^30 - 1 is 1e13)
 MAX_LOG_VALUE = 30.0
@@ -259,9 +261,11 @@ def chunk_tokens(
     n_panel: int,
     n_bins: int,
 ) -> tuple[Any, sp.csr_matrix, bool]:
-    """(model tokens, aligned counts, counts recovered?) of rows ``start..stop``: ingest's checks,
-    log1p inversion, count recovery and panel alignment, then ``pyfunc.panel_tokens``."""
-    from scbert_platform.pyfunc import panel_tokens
+    """(model tokens, panel values, counts recovered?) of rows ``start..stop``: ingest's checks,
+    log1p inversion, count recovery and panel alignment, then ``pyfunc.panel_values`` (the
+    log2(1 + normalised counts) of the panel genes, CSR: one stored value per expressed gene) and
+    their tokens."""
+    from scbert_platform.pyfunc import panel_values, value_tokens
 
     try:
         x = read_counts(found.spec(start, stop), read, ANNOTATE_HINTS)
@@ -272,8 +276,8 @@ def chunk_tokens(
     recovered = False
     if found.kind == "log1p" and count_scale_deviation(x) <= COUNT_RECOVERY_TOLERANCE:
         x, recovered = recover_counts(x), True
-    aligned = align(x, positions, n_panel)
-    return panel_tokens(aligned, n_bins=n_bins), aligned, recovered
+    values = panel_values(align(x, positions, n_panel))
+    return value_tokens(values, n_bins=n_bins), values, recovered
 
 
 def annotate_chunk(
@@ -291,14 +295,14 @@ def annotate_chunk(
     """Probabilities and embeddings of rows ``start..stop``."""
     from scbert_platform.pyfunc import predict_tokens
 
-    tokens, aligned, recovered = chunk_tokens(
+    tokens, values, recovered = chunk_tokens(
         found, read, start, stop, positions, model.config.n_genes, model.config.n_bins
     )
     proba, cells = predict_tokens(
         model, tokens, chunk_cells=batch_size, device=device, embedding=embedding
     )
     index = np.arange(start, stop)
-    return ChunkResult(index, proba, cells, np.diff(aligned.indptr), recovered)
+    return ChunkResult(index, proba, cells, np.diff(values.indptr), recovered)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +453,7 @@ def _encode(
     found, matrix = expression_input(adata, **input_options)
     coverage = _coverage(found, loaded.panel)
     proba, cells, n_genes, recovered = run_chunks(loaded, found, matrix, embedding=kind, **run)
+    _forget_derived(adata)
     adata.obsm[EMBEDDING] = cells
     adata.obs["scbert_n_genes"] = n_genes.astype(np.int32)
     adata.uns[UNS] = _summary(loaded, found, coverage, recovered, kind)
@@ -725,6 +730,27 @@ def _summary(
     return summary
 
 
+def _forget_derived(adata: Any) -> None:
+    """Drop what an earlier run derived from the embedding or the predictions (neighbour graph,
+    UMAP, clusters, votes): a new embedding makes them stale."""
+    adata.uns.pop(NEIGHBORS, None)
+    for key in (f"{NEIGHBORS}_connectivities", f"{NEIGHBORS}_distances"):
+        adata.obsp.pop(key, None)
+    adata.obsm.pop(UMAP, None)
+    for column in (LEIDEN, OVER_CLUSTERING, MAJORITY_VOTE):
+        if column in adata.obs:
+            del adata.obs[column]
+
+
+def embedding_neighbors(adata: Any) -> str:
+    """The embedding's neighbour graph (computed once per embedding); its key."""
+    import scanpy as sc
+
+    if NEIGHBORS not in adata.uns:
+        sc.pp.neighbors(adata, use_rep=EMBEDDING, key_added=NEIGHBORS, random_state=0)
+    return NEIGHBORS
+
+
 def over_clustering_resolution(n_cells: int) -> float:
     """Leiden resolution of the over-clustering, by dataset size (CellTypist's steps)."""
     for limit, resolution in ((5_000, 5.0), (20_000, 10.0), (40_000, 15.0), (100_000, 20.0)):
@@ -753,14 +779,17 @@ def vote(adata: Any, *, over_clustering: str | None = None, min_prop: float = 0.
     """``obs['scbert_majority_vote']``: in each cluster of the over-clustering, the most frequent
     predicted type (``Heterogeneous`` where it covers less than ``min_prop`` of the cluster)."""
     import pandas as pd
-    import scanpy as sc
 
     if CELL_TYPE not in adata.obs:
         raise AnnotationError("majority voting needs predictions: run annotate first")
     if over_clustering is None:
-        sc.pp.neighbors(adata, use_rep=EMBEDDING, key_added=NEIGHBORS, random_state=0)
         resolution = over_clustering_resolution(adata.n_obs)
-        leiden(adata, resolution=resolution, neighbors_key=NEIGHBORS, key_added=OVER_CLUSTERING)
+        leiden(
+            adata,
+            resolution=resolution,
+            neighbors_key=embedding_neighbors(adata),
+            key_added=OVER_CLUSTERING,
+        )
         over_clustering = OVER_CLUSTERING
     elif over_clustering not in adata.obs:
         raise AnnotationError(

@@ -25,15 +25,16 @@ import numpy as np
 from scbert_platform.annotation import (
     CELL_TYPE,
     EMBEDDING,
-    NEIGHBORS,
+    LEIDEN,
     PROBABILITY,
+    UMAP,
     UNS,
     AnnotationError,
+    embedding_neighbors,
     expression_input,
     leiden,
 )
 
-UMAP_KEY = "X_scbert_umap"
 RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 31))  # 0.1 .. 3.0
 
 
@@ -122,24 +123,21 @@ def clustering_scores(adata: Any, label_key: str, **input_options: Any) -> dict[
     """ARI against ``label_key`` of a Leiden clustering of the scBERT embedding and of the raw
     expression (PCA of the normalised log expression), at matched cluster counts. Adds
     ``obs['scbert_leiden']`` (the embedding's clusters)."""
-    import scanpy as sc
     from sklearn.metrics import adjusted_rand_score
 
     _need(adata, EMBEDDING)
     labels = _labels(adata, label_key)
     known = labels.notna().to_numpy()
     n_labels = int(labels[known].nunique())
-    if NEIGHBORS not in adata.uns:
-        sc.pp.neighbors(adata, use_rep=EMBEDDING, key_added=NEIGHBORS, random_state=0)
     scores: dict[str, Any] = {
         "label_key": label_key,
         "n_labels": n_labels,
         "n_cells": int(known.sum()),
     }
     embedding = cluster_matched(
-        adata, neighbors_key=NEIGHBORS, n_target=n_labels, key_added="scbert_leiden"
+        adata, neighbors_key=embedding_neighbors(adata), n_target=n_labels, key_added=LEIDEN
     )
-    embedding["ari"] = float(adjusted_rand_score(labels[known], adata.obs["scbert_leiden"][known]))
+    embedding["ari"] = float(adjusted_rand_score(labels[known], adata.obs[LEIDEN][known]))
     view = expression_view(adata, **input_options)
     expression = cluster_matched(
         view, neighbors_key="neighbors", n_target=n_labels, key_added="leiden"
@@ -181,10 +179,8 @@ def umap_figure(
     from matplotlib.colors import to_hex
 
     _need(adata, EMBEDDING, CELL_TYPE)
-    if NEIGHBORS not in adata.uns:
-        sc.pp.neighbors(adata, use_rep=EMBEDDING, key_added=NEIGHBORS, random_state=0)
-    if UMAP_KEY not in adata.obsm:
-        sc.tl.umap(adata, neighbors_key=NEIGHBORS, key_added=UMAP_KEY, random_state=0)
+    if UMAP not in adata.obsm:
+        sc.tl.umap(adata, neighbors_key=embedding_neighbors(adata), key_added=UMAP, random_state=0)
     keys = [CELL_TYPE] + ([label_key] if label_key else [])
     names = {str(v) for k in keys for v in adata.obs[k].dropna().unique()}
     palette = _palette(sorted(names))
@@ -204,7 +200,7 @@ def umap_figure(
     for ax, key, title in zip(axes[0], keys, titles, strict=True):
         sc.pl.embedding(
             adata,
-            basis=UMAP_KEY,
+            basis=UMAP,
             color=key,
             palette=[
                 to_hex(palette[str(c)]) for c in adata.obs[key].astype("category").cat.categories

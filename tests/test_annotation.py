@@ -360,6 +360,10 @@ def test_figures_and_scores_logged_to_the_active_run(
     assert scores["accuracy"] == pytest.approx((pbmc.obs[CELL_TYPE].astype(str) == labels).mean())
     assert "X_scbert_umap" in pbmc.obsm and "X_umap" in pbmc.obsm  # the user's UMAP is kept
 
+    annotate(pbmc, model=str(model_dir), progress=False)  # a new embedding: derived work dropped
+    assert "scbert_neighbors" not in pbmc.uns and "X_scbert_umap" not in pbmc.obsm
+    assert "scbert_leiden" not in pbmc.obs and "X_umap" in pbmc.obsm
+
     # no run active: nothing logged, files still written
     again = write_plots(pbmc, workdir / "plain")
     assert not again["logged_to_mlflow"] and not (workdir / "plain" / "confusion.png").exists()
