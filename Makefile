@@ -24,11 +24,15 @@ $(STAMP): pyproject.toml
 # A fresh clone has the sweep and cv stages' reports (committed), so DVC finds those stages up to
 # date, but not the MLflow runs behind them, which the registry step needs: --tracked checks, and
 # the two stages run again when their runs are not in this machine's MLflow.
+# Output: DVC's header per stage, each verb's progress and results, then the demo's own stages and
+# a summary block (SCBERT_VERBOSE=1 make demo shows Ray's worker output too).
 demo: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	$(PY) -m scbert_platform.demo --tracked reports/sweep.json reports/cv.json || \
-		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item sweep cv
-	$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
+	@echo "== the pipeline: dvc repro (dvc.yaml) =="
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	@$(PY) -m scbert_platform.demo --tracked reports/sweep.json reports/cv.json || { \
+		echo "== sweep and cv again: their MLflow runs are needed for the registry =="; \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item sweep cv; }
+	@$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
 		--sweep-report reports/sweep.md --cv-report reports/cv.json --serve
 
 lint: setup

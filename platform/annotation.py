@@ -511,11 +511,13 @@ def run_chunks(
     "none" | "some") over every cell, chunk by chunk, here or on Ray Data workers."""
     if found.n_cells == 0:
         raise AnnotationError("the AnnData has no cells")
+    from scbert_platform.console import progress as progress_bar
+
     ranges = chunk_ranges(found.n_cells, chunk_cells)
     chunks = (
         _distributed(loaded, found, matrix, ranges, batch_size, embedding, workers, device)
         if distributed
-        else _local(loaded, found, matrix, ranges, batch_size, embedding, progress)
+        else _local(loaded, found, matrix, ranges, batch_size, embedding)
     )
     n = found.n_cells
     proba = np.zeros((n, len(loaded.classes or [])), dtype=np.float32)
@@ -523,10 +525,12 @@ def run_chunks(
     n_genes = np.zeros(n, dtype=np.int32)
     done = np.zeros(n, dtype=bool)
     flags = set()
-    for chunk in chunks:
-        proba[chunk.index], cells[chunk.index] = chunk.proba, chunk.embedding
-        n_genes[chunk.index], done[chunk.index] = chunk.n_genes, True
-        flags.add(chunk.recovered)
+    with progress_bar(total=n, unit="cell", desc="annotate", disable=not progress) as bar:
+        for chunk in chunks:
+            proba[chunk.index], cells[chunk.index] = chunk.proba, chunk.embedding
+            n_genes[chunk.index], done[chunk.index] = chunk.n_genes, True
+            flags.add(chunk.recovered)
+            bar.update(len(chunk.index))
     if not done.all():  # a lost chunk would leave zeros that look like results
         raise RuntimeError(f"{int((~done).sum())} cells were not annotated")
     recovered = "all" if flags == {True} else "some" if len(flags) > 1 else "none"
@@ -540,15 +544,9 @@ def _local(
     ranges: list[tuple[int, int]],
     batch_size: int,
     embedding: str,
-    progress: bool,
 ) -> Iterator[ChunkResult]:
-    from tqdm import tqdm
-
     positions = loaded.panel.positions(list(found.genes))
-    with (
-        _row_reader(found, matrix) as read,
-        tqdm(total=found.n_cells, unit="cell", desc="scBERT", disable=not progress) as bar,
-    ):
+    with _row_reader(found, matrix) as read:
         for start, stop in ranges:
             yield annotate_chunk(
                 loaded.model,
@@ -561,7 +559,6 @@ def _local(
                 device=loaded.device,
                 embedding=embedding,
             )
-            bar.update(stop - start)
 
 
 class _ChunkWorker:

@@ -98,7 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": result.steps,
         **result.metrics,
     }
-    print(json.dumps(summary, indent=2, default=float))
+    keys = ("train/loss", "val/loss", "val/masked_acc", "val/best_macro_f1", "test/accuracy")
+    shown = [
+        f"{k} {result.metrics[k]:.3f}" for k in (*keys, "test/macro_f1") if k in result.metrics
+    ]
+    print(f"{args.verb} {result.run_name}: {result.steps} steps; {', '.join(shown)}")
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -107,7 +111,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.copytree(result.checkpoint, args.out)
+    print(f"model: {args.out or result.checkpoint}", file=sys.stderr)
+    _where(f"MLflow run {result.mlflow_run_id} (experiment scbert-{args.verb})")
     return 0
+
+
+def _where(run: str) -> None:
+    """Where to look further: the MLflow run and the Ray logs of this command (stderr)."""
+    from scbert_platform.cluster import session_logs
+    from scbert_platform.tracking import tracking_uri
+
+    print(f"{run}: mlflow ui --backend-store-uri {tracking_uri()}", file=sys.stderr)
+    if session_logs() is not None:
+        print(f"Ray workers' logs: {session_logs()}", file=sys.stderr)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -207,11 +223,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
             trial_gpus=args.trial_gpus,
         )
     print(result.markdown)
-    print(
-        f"\nMLflow parent run {result.parent_run_id} (experiment scbert-cv); register it with: "
-        f"scbert register {result.parent_run_id}",
-        file=sys.stderr,
-    )
+    _where(f"MLflow parent run {result.parent_run_id} (experiment scbert-cv)")
+    print(f"register its model with: scbert register {result.parent_run_id}", file=sys.stderr)
     if args.metrics:
         summary = {
             "name": result.name,
@@ -259,7 +272,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"its params: {result.directory / 'best_params.yaml'}",
             file=sys.stderr,
         )
-    print(f"MLflow parent run {result.parent_run_id} (experiment scbert-sweep)", file=sys.stderr)
+    _where(f"MLflow parent run {result.parent_run_id} (experiment scbert-sweep)")
     if args.metrics:
         summary = {
             "name": result.name,
@@ -440,8 +453,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return main(args.rest)
 
 
+VERBOSE_HELP = (
+    "show everything: Ray workers' output and the libraries' INFO lines (also SCBERT_VERBOSE=1)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scbert", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     ingest = verbs.add_parser(
@@ -663,17 +682,27 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text, add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)
         sub.set_defaults(run=run)
+    for verb, sub in verbs.choices.items():
+        if verb not in ("gene-embed", "synth"):  # these pass every flag on to their own parser
+            # SUPPRESS: without the flag here, `scbert --verbose VERB` keeps the top-level value
+            sub.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+            )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from scbert.atomic import interrupted, note_interrupts
+    from scbert_platform.console import one_line_warnings, quiet_libraries, set_verbose
     from scbert_platform.ingest import IngestError
     from scbert_platform.panel import PanelError
     from scbert_platform.train_ray import TrainingError
     from scbert_tune.registry import GateRefused
 
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
+    quiet_libraries()
+    one_line_warnings()
     run: Callable[[argparse.Namespace], int] = args.run
     if threading.current_thread() is threading.main_thread():
         note_interrupts()
@@ -700,7 +729,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
             return 2
-        raise
+        return _failed(args.verb)
+
+
+def _failed(verb: str) -> int:
+    """An unexpected error: its traceback, then the failing Ray worker's last lines and where
+    the logs are (a Ray Train or Tune failure's cause is often only in a worker's log)."""
+    import traceback
+
+    from scbert_platform.cluster import failure_report
+
+    traceback.print_exc()
+    report = failure_report()
+    if report:
+        print(report, file=sys.stderr)
+    print(
+        f"scbert {verb}: failed (run again with --verbose to see every worker's output)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _interrupted(verb: str) -> int:

@@ -1,36 +1,130 @@
-"""Starting (or joining) Ray the same way everywhere: ingest, training, sweeps, CV, tests.
+"""Starting (or joining) Ray the same way everywhere: ingest, training, sweeps, CV, serving, tests.
 
-Ray is joined when already initialised (a notebook's ``ray.init(address=...)``, a Tune trial);
-otherwise a local Ray starts without the dashboard. Ray Train's placement-group cleaner asks the
-state API (served by the dashboard) every few seconds whether its controller is alive, and
-without a dashboard it logs a warning each time; ``quiet_worker_logs`` runs in every worker
-process and raises that one logger's level, so the training output stays readable.
+Ray is joined when already initialised (a notebook's ``ray.init(address=...)``, a Tune trial) or
+when an address is given (``address=``, ``RAY_ADDRESS``): the cluster keeps its own addressing.
+Otherwise a local Ray starts that
+
+- listens on loopback only: its node address is 127.0.0.1, and Ray's servers (GCS, raylet,
+  workers, agents) bind that address. On Linux Ray replaces 127.0.0.1 by the machine's
+  outward address unless its single-machine mode is on (the default on macOS and Windows,
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), which this module turns on for the Ray it starts;
+- keeps token authentication (Ray's default for a new local cluster) without the notice Ray
+  prints about it on every start;
+- keeps the workers' output in the session's log files (``log_to_driver`` off), unless
+  ``--verbose`` / ``SCBERT_VERBOSE=1``; ``logs_dir()`` says where they are;
+- runs without the dashboard. Ray Train's placement-group cleaner asks the state API (served by
+  the dashboard) every few seconds whether its controller is alive, and without a dashboard it
+  logs a warning each time; ``quiet_worker_logs`` runs in every worker process and raises that
+  logger's level (and those of ``NOISY_LOGGERS``), so what a worker logs stays readable.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
-NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+LOOPBACK = "127.0.0.1"
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_session_logs: Path | None = None  # the log folder of the Ray that start_ray last joined
+
+NOISY_LOGGERS = (
+    # without the dashboard, a warning every few seconds that the state API does not answer
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    # "Reporting training result N: TrainingReport(...)" for every report of every worker
+    "ray.train.v2._internal.execution.context",
+    "ray.train.v2._internal.execution.train_fn_utils",
+    # Ray Data's execution plan and "execution finished" for every epoch of every run
+    "ray.data",
+)
 
 
 def quiet_worker_logs() -> None:
     """The ``worker_process_setup_hook`` of the Ray this module starts."""
+    from scbert_platform.console import quiet_libraries, verbose
+
+    if verbose():
+        return
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def joins_cluster(init: dict[str, Any]) -> bool:
+    """Whether ``ray.init(**init)`` would join an existing cluster rather than start one."""
+    return bool(init.get("address") or os.environ.get("RAY_ADDRESS"))
+
+
+def _loopback_only() -> None:
+    """Make the Ray started next (and its child processes) use 127.0.0.1 as its node address."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by workers at import
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process: ray was imported already
 
 
 def start_ray(**init: Any) -> float:
     """Join or start Ray (``init``: extra ``ray.init`` arguments); the cluster's CPUs."""
     import ray
 
+    from scbert_platform.console import quiet_libraries, verbose
+
+    quiet_libraries()
     if not ray.is_initialized():
         runtime_env = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
+        if not joins_cluster(init):
+            _loopback_only()
+            init.setdefault("_node_ip_address", LOOPBACK)
+            # Ray turns token authentication on for a new local cluster (kept: the ports are
+            # loopback, but other users of the machine can reach loopback too) and announces it
+            # on every start; the announcement alone is silenced
+            if not verbose():
+                logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
+            # The raylet warns once a node has started 4x this many Python workers ("This could
+            # be a result of using a large number of actors..."). Its default is the node's CPU
+            # count, and on a laptop a sweep's Tune, Train and Data actors pass 4x 2 CPUs by
+            # design; 8 workers may start at once instead of 2, which is not a problem here.
+            init.setdefault("_system_config", {"worker_maximum_startup_concurrency": 8})
+        init.setdefault("log_to_driver", verbose())
         ray.init(
             include_dashboard=False,
             configure_logging=False,
             runtime_env=init.pop("runtime_env", None) or runtime_env,
             **init,
         )
+    global _session_logs
+    _session_logs = logs_dir()
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def logs_dir() -> Path | None:
+    """The running Ray session's log folder on this machine (workers' stdout/stderr, Ray's own
+    logs), or None when Ray is not running here."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    node = getattr(ray._private.worker, "_global_node", None)
+    session = node.get_session_dir_path() if node is not None else None
+    return Path(session, "logs") if session else None
+
+
+def session_logs() -> Path | None:
+    """The log folder of the Ray session ``start_ray`` last started or joined in this process."""
+    return _session_logs
+
+
+def failure_report(n_lines: int = 20) -> str | None:
+    """After a failure: the last lines of the Ray worker that logged an error most recently,
+    and where all the logs of the Ray session are (None when no Ray ran in this process)."""
+    logs = _session_logs
+    if logs is None or not logs.is_dir():
+        return None
+    errs = sorted(logs.glob("worker-*.err"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in errs[:50]:
+        lines = path.read_text(errors="replace").splitlines()
+        if any("Traceback" in line or "Error" in line for line in lines):
+            tail = "\n".join(f"  {line}" for line in lines[-n_lines:])
+            return f"last lines of the failing Ray worker ({path}):\n{tail}\nall logs: {logs}"
+    return f"the logs of the Ray workers: {logs}"

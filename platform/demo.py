@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{report}: its MLflow run is not in this machine's tracking store")
         raise SystemExit(1 if missing else 0)
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
+    from scbert_platform.console import header, quiet_libraries
 
+    quiet_libraries()
+    header("scBERT at paper size (random weights)")
     model = build_paper_model(n_classes=args.classes).eval()
     trainable, encoder = count_parameters(model)
     c = model.config
@@ -87,18 +90,72 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         logits = model(tokens)
-        proba = logits.softmax(dim=-1)
     elapsed = time.perf_counter() - start
     print(f"input tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} in {elapsed:.1f} s")
-    print(f"max class probability per cell (random weights): {proba.max(dim=1).values.tolist()}")
+    summary: list[str] = []
+    if args.cells_dir:
+        summary.append(dataset_line(Path(args.cells_dir)))
     if args.cells_dir and args.model:
+        header("the pipeline's fine-tuned model on real test-fold cells")
         run_on_shards(args.cells_dir, args.model, n_cells=max(args.cells, 8))
     if args.sweep_report:
-        print(f"\nsweep (reports/sweep.md):\n{Path(args.sweep_report).read_text()}")
+        header(f"sweep ({args.sweep_report})")
+        print(Path(args.sweep_report).read_text().rstrip())
     if args.cv_report:
-        name = register_and_promote(Path(args.cv_report))
+        header("registry: the CV run's model, registered and past the gate")
+        name, decision = register_and_promote(Path(args.cv_report))
+        summary += [
+            f"5-fold CV on the same folds ({Path(args.cv_report).with_suffix('.md')}):",
+            *cv_table(Path(args.cv_report)),
+            decision,
+        ]
         if args.serve and args.cells_dir:
-            serve_and_annotate(args.cells_dir, name, Path(args.cv_report), args.params)
+            header(f"serving {name}@champion over HTTP with Ray Serve on 127.0.0.1")
+            summary.append(
+                serve_and_annotate(args.cells_dir, name, Path(args.cv_report), args.params)
+            )
+    if summary:
+        print_summary(summary)
+
+
+def dataset_line(cells_dir: Path) -> str:
+    """The ingested dataset in one line, from its shard manifest."""
+    from scbert_platform.ingest import read_manifest
+
+    manifest = read_manifest(cells_dir)
+    cells, genes = manifest["cells"], manifest["genes"]
+    return (
+        f"data: {manifest['dataset']} ({manifest['source']['path']}): {cells['kept']} of "
+        f"{cells['input']} cells kept, {genes['panel']} panel genes, "
+        f"{len(manifest['labels']['counts'])} expert cell types; shards in {cells_dir}"
+    )
+
+
+def cv_table(cv_report: Path) -> list[str]:
+    """The first table of the CV report: scBERT next to the baselines, mean ± std over folds."""
+    lines = cv_report.with_suffix(".md").read_text().splitlines()
+    table = []
+    for line in lines:
+        if not line.startswith("|"):
+            if table:
+                break
+            continue
+        table.append(line)
+    return table
+
+
+def print_summary(lines: list[str]) -> None:
+    """The block the demo ends with: what ran, on what, how good, and where to look further."""
+    from scbert_platform.console import header
+    from scbert_platform.tracking import tracking_uri
+
+    header("summary")
+    for line in lines:
+        print(line)
+    print("look further:")
+    print(f"  mlflow ui --backend-store-uri {tracking_uri()}   # runs, models, the registry")
+    print("  reports/cv.md, reports/sweep.md, reports/finetune.json   # tables and metrics")
+    print("  reports/annotate/, reports/explain/   # UMAP, confusion matrix, top genes per type")
 
 
 def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0) -> None:
@@ -143,16 +200,14 @@ def tracked(report: Path) -> bool:
         return False
 
 
-def register_and_promote(cv_report: Path) -> str:
+def register_and_promote(cv_report: Path) -> tuple[str, str]:
     """Register the CV run's model (once per run) and promote it if it passes the gate; a
-    refusal is reported, not an error: the gate doing its job is part of the demo."""
-    from scbert_platform.tracking import registry_client, tracking_uri
+    refusal is reported, not an error: the gate doing its job is part of the demo. Returns the
+    registered name and the gate's decision in one line."""
+    from scbert_platform.tracking import registry_client
     from scbert_tune.registry import CHAMPION, GateRefused, promote, register
 
     summary = json.loads(cv_report.read_text())
-    markdown = cv_report.with_suffix(".md")
-    if markdown.is_file():
-        print(f"\n5-fold cross-validation on real cells ({markdown}):\n{markdown.read_text()}")
     run_id = summary["mlflow_run_id"]
     client = registry_client()
     existing = client.search_model_versions(f"run_id = '{run_id}'")
@@ -165,22 +220,24 @@ def register_and_promote(cv_report: Path) -> str:
         print(f"registered CV run {run_id} as {name} version {version} (alias challenger)")
     try:
         move = promote(name)
-        print(f"promoted: {name} version {move.version} is the {CHAMPION} ({move.reason})")
+        gate = f"promoted: {move.reason}"
     except GateRefused as refused:
-        print(f"not promoted (the gate refused): {refused}")
+        gate = f"not promoted, the gate refused: {refused}"
+    print(gate)
     champion = client.get_model_version_by_alias(name, CHAMPION)
-    print(
-        f"{name}@{CHAMPION} = version {champion.version}, cv/macro_f1 "
-        f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}; browse it with: "
-        f"mlflow ui --backend-store-uri {tracking_uri()}"
+    decision = (
+        f"champion: {name}@{CHAMPION} = version {champion.version} (cv/macro_f1 "
+        f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}); version {version}: {gate}"
     )
-    return str(name)
+    print(decision)
+    return str(name), decision
 
 
-def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: str) -> None:
+def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: str) -> str:
     """Serve ``NAME@champion`` with Ray Serve on this machine and annotate every ingested cell
     over HTTP (sparse JSON, 100 cells a request), printing accuracy against the expert labels:
-    over all cells, and over the fold the champion never saw (it is one CV fold's model)."""
+    over all cells, and over the fold the champion never saw (it is one CV fold's model).
+    Returns the endpoint's answer in one line."""
     import requests
     from ray import serve
 
@@ -230,15 +287,21 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
         serve.shutdown()
     truth = obs["label"].to_numpy()
     hits, top_hits = np.asarray(predicted) == truth, np.asarray(top1) == truth
+    n_unassigned = sum(p == "Unassigned" for p in predicted)
     print(
         f"POST /v1/annotate: {len(predicted)} real pbmc68k cells in {-(-len(counts) // 100)} "
         f"requests, {elapsed:.1f} s ({len(predicted) / elapsed:.0f} cells/s); panel coverage "
         f"{coverage['fraction']:.0%}; Unassigned (top probability < {params.threshold}): "
-        f"{sum(p == 'Unassigned' for p in predicted)}"
+        f"{n_unassigned}"
     )
     print(
         f"  accuracy against the expert labels, all cells: {hits.mean():.3f} (Unassigned counted "
         f"wrong), {top_hits.mean():.3f} (most probable type)"
+    )
+    answer = (
+        f"endpoint: {len(predicted)} cells annotated over HTTP by version {source.version}, "
+        f"accuracy {hits.mean():.3f} ({top_hits.mean():.3f} for the most probable type, "
+        f"{n_unassigned} Unassigned)"
     )
     if held_out is not None:
         fold, cv_accuracy = held_out
@@ -248,7 +311,9 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
             f"{hits[mask].mean():.3f} (Unassigned wrong), {top_hits[mask].mean():.3f} (most "
             f"probable type; scbert cv measured {cv_accuracy:.3f} on this fold in-process)"
         )
+        answer += f"; on its held-out fold {fold}: {top_hits[mask].mean():.3f}"
     print(f"  (Prometheus metrics were at http://127.0.0.1:{metrics_port()}/metrics)")
+    return answer
 
 
 def _held_out_fold(source: Any, cv_report: Path, client: Any) -> tuple[int, float] | None:

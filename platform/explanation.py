@@ -81,7 +81,8 @@ def explain(
     ``min_cells`` cells are left out (their means are noise)."""
     import pandas as pd
     import torch
-    from tqdm import tqdm
+
+    from scbert_platform.console import progress as progress_bar
 
     if rank_by not in RANKINGS:
         raise AnnotationError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
@@ -109,7 +110,7 @@ def explain(
     net = loaded.model
     with (
         _row_reader(found, matrix) as read,
-        tqdm(total=found.n_cells, unit="cell", desc="attention", disable=not progress) as bar,
+        progress_bar(total=found.n_cells, unit="cell", desc="explain", disable=not progress) as bar,
     ):
         for start, stop in chunk_ranges(found.n_cells, chunk_cells):
             tokens, values, _ = chunk_tokens(

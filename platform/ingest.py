@@ -718,17 +718,29 @@ def plan_shards(n_genes_kept: np.ndarray, shard_mb: float) -> list[tuple[int, in
 # Execution
 
 
-def _run(fn: Callable[..., Any], items: Sequence[Any], use_ray: bool, desc: str) -> list[Any]:
-    """``[fn(item) for item in items]``: on Ray Data, one task per item, or in this process."""
-    if not use_ray:
-        from tqdm import tqdm
+def _run(
+    fn: Callable[..., Any], items: Sequence[Any], use_ray: bool, desc: str, cells: Sequence[int]
+) -> list[Any]:
+    """``[fn(item) for item in items]``: on Ray Data, one task per item, or in this process;
+    a bar counts the cells (``cells[i]`` in item ``i``) as the items finish."""
+    from scbert_platform.console import progress
 
-        return [fn(item) for item in tqdm(items, desc=desc, unit="task", disable=len(items) < 2)]
-    import ray
+    bar = progress(total=sum(cells), desc=f"ingest: {desc}", unit="cell", disable=len(items) < 2)
+    with bar:
+        if not use_ray:
+            done = []
+            for item, n in zip(items, cells, strict=True):
+                done.append(fn(item))
+                bar.update(n)
+            return done
+        import ray
 
-    payloads = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
-    dataset = ray.data.from_items(payloads, override_num_blocks=len(payloads))
-    rows = dataset.map(_ray_call, fn_kwargs={"fn": pickle.dumps(fn)}).take_all()
+        payloads = [{"i": i, "item": pickle.dumps(item)} for i, item in enumerate(items)]
+        dataset = ray.data.from_items(payloads, override_num_blocks=len(payloads))
+        rows = []
+        for row in dataset.map(_ray_call, fn_kwargs={"fn": pickle.dumps(fn)}).iter_rows():
+            rows.append(row)
+            bar.update(cells[row["i"]])
     errors = sorted((row["i"], row["error"]) for row in rows if row["error"])
     if errors:  # the first in input order, as the in-process run would report it
         raise IngestError(errors[0][1])
@@ -758,7 +770,7 @@ def _ray_session(use_ray: bool) -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        start_ray(log_to_driver=False)
+        start_ray()
     try:
         yield
     finally:
@@ -865,7 +877,7 @@ def _ingest(
         )
     n_panel = len(panel)
     scan = partial(scan_chunk, positions=positions, n_panel=n_panel)
-    scans = _run(scan, chunks, use_ray, "scan")
+    scans = _run(scan, chunks, use_ray, "scan", [c.stop - c.start for c in chunks])
     n_genes = np.concatenate([s.n_genes for s in scans])
     n_counts = np.concatenate([s.n_counts for s in scans])
     recover = False
@@ -925,7 +937,8 @@ def _ingest(
                 )
             )
         write = partial(write_shard, positions=positions, n_panel=n_panel)
-        results = _run(write, shards, use_ray, "write")
+        kept = [sum(len(k) for k in shard.keep) for shard in shards]
+        results = _run(write, shards, use_ray, "write", kept)
         panel.write(staging / PANEL_FILE)
         manifest = _manifest(
             table,
@@ -961,7 +974,9 @@ def _panel(
         except PanelError as err:
             raise IngestError(str(err)) from err
     say(f"building the panel: genes expressed in >= {params.panel_min_cells} cells")
-    counts = sum(_run(gene_cell_counts, chunks, use_ray, "panel"))
+    counts = sum(
+        _run(gene_cell_counts, chunks, use_ray, "panel", [c.stop - c.start for c in chunks])
+    )
     try:
         return Panel.from_cell_counts(
             table.genes, np.asarray(counts), min_cells=params.panel_min_cells, name="data"

@@ -195,14 +195,20 @@ def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator")
     model = _Model()
     model.load_context(type("Context", (), {"artifacts": {CHECKPOINT: str(checkpoint)}})())
     output = model.predict(None, example)
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=model,
-        artifacts={CHECKPOINT: str(checkpoint)},
-        signature=infer_signature(example, output, params={"threshold": 0.5}),
-        input_example=example,
-        code_paths=None,
-    )
+    from scbert_platform.console import quieter
+
+    # MLflow warns on every call that a python_model object is saved with CloudPickle (loading
+    # an untrusted pickle runs its code) and says it validates the input example: the model is
+    # this package's own class, written and read by this platform only
+    with quieter("mlflow.pyfunc"):
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=model,
+            artifacts={CHECKPOINT: str(checkpoint)},
+            signature=infer_signature(example, output, params={"threshold": 0.5}),
+            input_example=example,
+            code_paths=None,
+        )
     return str(info.model_uri)
 
 

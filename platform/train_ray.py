@@ -7,10 +7,14 @@ The loop itself is ``scbert_platform.training.run_loop``; this module only conne
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +123,10 @@ def train_worker(config: dict[str, Any]) -> None:
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
             state = restore_training_state(saved, optimizer, scheduler, generator)
         if rank == 0:
-            print(f"resumed from step {state.step} (epoch {state.epoch})", file=sys.stderr)
+            resumed = f"resumed from step {state.step} (epoch {state.epoch})"
+            print(resumed, file=sys.stderr)
+            if config.get("progress_board") is not None:
+                config["progress_board"].post.remote({"message": resumed})
         if "pid_dir" in config:
             Path(config["pid_dir"], f"rank{rank}.resumed").write_text(str(state.step))
     wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
@@ -233,6 +240,8 @@ def train_worker(config: dict[str, Any]) -> None:
         node = ray.get_runtime_context().get_node_id()
         Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {node}")
     hooks = LoopHooks(report=report, validate=validate, no_sync=no_sync, is_chief=rank == 0)
+    if rank == 0 and config.get("progress_board") is not None:
+        hooks.progress = _board_feed(config["progress_board"])
     run_loop(
         wrapped,
         optimizer,
@@ -265,6 +274,90 @@ def _write_checkpoint(
     if weights is not None:
         model.load_state_dict(current)
     torch.save(state, directory / STATE_FILE)
+
+
+class ProgressBoard:
+    """A Ray actor (no CPU) between the chief worker and the driver's progress bar: the worker
+    posts its step and metrics without waiting for an answer, the driver collects them."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict[str, Any]] = []
+
+    def post(self, update: dict[str, Any]) -> None:
+        self.updates.append(update)
+
+    def collect(self) -> list[dict[str, Any]]:
+        updates, self.updates = self.updates, []
+        return updates
+
+
+def _board_feed(board: Any, every_s: float = 1.0) -> Callable[[int, int, dict[str, float]], None]:
+    """The chief's ``LoopHooks.progress``: a post at most every ``every_s`` seconds, and at
+    every validation and the last step."""
+    last = -math.inf
+
+    def feed(step: int, total: int, metrics: dict[str, float]) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= every_s or step >= total or any(k.startswith("val/") for k in metrics):
+            last = now
+            board.post.remote({"step": step, **metrics})
+
+    return feed
+
+
+def _postfix(metrics: dict[str, float]) -> str:
+    shown = [f"loss {metrics['train/loss']:.3f}"] if "train/loss" in metrics else []
+    if "train/cells_per_s" in metrics:
+        shown.append(f"{metrics['train/cells_per_s']:.0f} cells/s")
+    for key in ("val/macro_f1", "val/accuracy", "val/masked_acc"):
+        if key in metrics:
+            shown.append(f"{key} {metrics[key]:.3f}")
+    return ", ".join(shown)
+
+
+@contextlib.contextmanager
+def step_progress(task: str, total_steps: int) -> Iterator[Any]:
+    """The driver's progress bar of a training run (steps, loss, cells/s, the latest validation,
+    ETA), fed through a ``ProgressBoard`` that this yields for the workers."""
+    import ray
+
+    from scbert_platform.console import progress, say
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    bar = progress(total=total_steps, desc=task, unit="step")
+    latest: dict[str, float] = {}
+    stop = threading.Event()
+
+    def show(updates: list[dict[str, Any]]) -> None:
+        for update in updates:
+            if "message" in update:
+                say(f"{task}: {update['message']}")
+                continue
+            step = int(update.pop("step"))
+            latest.update(update)
+            bar.set_postfix_str(_postfix(latest), refresh=False)
+            bar.update(step - bar.n)
+
+    def follow() -> None:
+        while not stop.wait(1.0):
+            try:
+                show(ray.get(board.collect.remote(), timeout=30))
+            except Exception:  # Ray is going away: the run's own error says why
+                return
+
+    thread = threading.Thread(target=follow, name="scbert-progress", daemon=True)
+    thread.start()
+    try:
+        yield board
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        with contextlib.suppress(Exception):
+            show(ray.get(board.collect.remote(), timeout=10))
+        bar.close()
+        with contextlib.suppress(Exception):
+            ray.kill(board)
 
 
 def _mlflow_client(config: dict[str, Any]) -> tuple[Any, str] | None:
@@ -361,6 +454,43 @@ def _tune_callback() -> Any:
     return ValidationToTune()
 
 
+def _trainer(
+    config: dict[str, Any],
+    train: Any,
+    run_name: str,
+    storage_path: str,
+    worker_resources: dict[str, float] | None,
+) -> Any:
+    """The TorchTrainer of one run: ``train_worker`` on ``train.workers`` workers, fed by the
+    split's Ray Data dataset, checkpointing to ``storage_path``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    params = Params.from_dict(config["params"])
+    split = CellSplit.from_dict(config["split"])
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={
+                "CPU": train.cpus_per_worker,
+                **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
+                **(worker_resources or {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_tune_callback()] if config.get("report_to_tune") else None,
+        ),
+        datasets={"train": cell_dataset(config["shards"], params.model.n_bins, split=split)},
+    )
+
+
 def fit(
     task: str,
     shards: str | Path,
@@ -390,9 +520,6 @@ def fit(
     added to it; ``report_to_tune`` forwards validation results to the enclosing Tune trial.
     """
     import mlflow
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from scbert_platform import tracking
 
@@ -412,7 +539,10 @@ def fit(
     cluster_cpus = start_ray()
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    from scbert_platform.console import verbose
+
+    # Ray Data's per-operator bars only on request: the run's own bar shows steps and cells/s
+    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
     check_resources(train, cluster_cpus)
 
     split = split or default_split(task, params)
@@ -481,36 +611,21 @@ def fit(
             "split": split.to_dict(),
             "mlflow_run_id": run.info.run_id,
             "tracking_uri": tracking.tracking_uri(),
+            "report_to_tune": report_to_tune,
             **(extra_config or {}),
         }
-        print(
-            f"{task}: {n_train} training cells, {per_epoch} optimiser steps per epoch, "
-            f"{total_steps} steps on {train.workers} worker(s); run {run_name}, MLflow run "
-            f"{run.info.run_id}",
-            file=sys.stderr,
-        )
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=train.workers,
-                use_gpu=train.use_gpu,
-                resources_per_worker={
-                    "CPU": train.cpus_per_worker,
-                    **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
-                    **(worker_resources or {}),
-                },
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                callbacks=[_tune_callback()] if report_to_tune else None,
-            ),
-            datasets={"train": cell_dataset(shards, params.model.n_bins, split=split)},
-        )
-        result = trainer.fit()
+        if not report_to_tune:  # a Tune trial's fit runs in an actor: the study shows trials
+            print(
+                f"{task}: {n_train} training cells, {per_epoch} optimiser steps per epoch, "
+                f"{total_steps} steps on {train.workers} worker(s); run {run_name}, MLflow run "
+                f"{run.info.run_id}",
+                file=sys.stderr,
+            )
+        with (
+            contextlib.nullcontext() if report_to_tune else step_progress(task, total_steps)
+        ) as board:
+            config["progress_board"] = board
+            result = _trainer(config, train, run_name, storage_path, worker_resources).fit()
         if result.checkpoint is None:
             raise TrainingError(f"run {run_name} ended without a checkpoint: {result.error}")
         # the final model beside the run's checkpoints (a local temporary copy for remote storage)

@@ -232,6 +232,8 @@ class LoopHooks:
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     is_chief: bool = True
     log: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
+    # the chief's step, total and metrics after every optimiser step (a progress bar's feed)
+    progress: Callable[[int, int, dict[str, float]], None] | None = None
 
 
 def run_loop(
@@ -302,6 +304,8 @@ def run_loop(
             validated = any(k.startswith("val/") for k in metrics)
             if due or finished or validated or state.step % max(params.log_every, 1) == 0:
                 hooks.report(metrics, due or finished)
+            if hooks.is_chief and hooks.progress is not None:
+                hooks.progress(state.step, total_steps, metrics)
             if hooks.is_chief and (now - window > 10 or finished or state.step == 1):
                 window = now
                 eta = (total_steps - state.step) * (now - started) / max(state.step, 1)

@@ -138,6 +138,56 @@ def ray_local(_ray_shutdown_at_exit: None) -> Any:
     return ray
 
 
+# What only Ray's and the libraries' internals print: none of it reaches a user's screen unless
+# they ask for it (--verbose); tests of a verb's output check for their absence
+NOISE = (
+    "Reporting training result",  # Ray Train, every report of every worker
+    "(RayTrainWorker",  # worker output forwarded to the driver
+    "(TrainController",
+    "(SplitCoordinator",
+    "(DatasetManager",
+    "(raylet)",  # e.g. "8 PYTHON worker processes ... 4x the maximum"
+    "Execution plan of Dataset",
+    "PreemptionWatcher",
+    "exclude_resources",
+    "Token authentication is enabled",
+    "INFO mlflow",
+    "Downloading artifacts",
+    "Configuration for experiment",  # Tune's console output
+    "View detailed results here",
+    "\r",  # a redrawn bar where no terminal is
+)
+
+
+def noise_in(text: str) -> list[str]:
+    """The NOISE patterns found in ``text``."""
+    return [pattern for pattern in NOISE if pattern in text]
+
+
+def non_loopback_listeners(root: Any = None) -> list[tuple[int, str, str, int]]:
+    """(pid, process, address, port) of every listening TCP socket of ``root`` (default: this
+    process) and its descendants that is not bound to a loopback address."""
+    import ipaddress
+
+    import psutil
+
+    root = root or psutil.Process()
+    found = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            connections, name = process.net_connections(kind="inet"), process.name()
+        except psutil.Error:  # ended meanwhile
+            continue
+        for c in connections:
+            if c.status != psutil.CONN_LISTEN:
+                continue
+            address = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+            mapped = getattr(address, "ipv4_mapped", None)
+            if not (mapped or address).is_loopback:
+                found.append((process.pid, name, c.laddr.ip, c.laddr.port))
+    return found
+
+
 PBMC_PARAMS: dict[str, Any] = {
     "use_raw": True,
     "input_normalized": True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, noise_in
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,12 @@ def test_repro_runs_the_pipeline_on_the_real_dataset(project: Path) -> None:
     out = run([str(BIN / "dvc"), "repro", *DATA_STAGES], project)
     for stage in ("fetch", "ingest", "gene-embed", "pretrain", "finetune", "annotate"):
         assert f"Running stage '{stage}'" in out
+    # legible: progress as plain lines (no terminal here), results, where to look; no internals
+    assert noise_in(out) == [], out
+    assert "pretrain: 6/6 steps (100%)" in out and "finetune: 6/6 steps (100%)" in out
+    assert "finetune finetune-" in out and "test/macro_f1" in out
+    assert "mlflow ui --backend-store-uri" in out and "Ray workers' logs: " in out
+    assert len(out.splitlines()) < 120, out
     finetune = json.loads((project / "reports" / "finetune.json").read_text())
     assert finetune["steps"] == 6 and 0 <= finetune["test/accuracy"] <= 1
     metrics = json.loads((project / "reports" / "ingest.json").read_text())

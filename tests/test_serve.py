@@ -98,6 +98,15 @@ def service(
             serve.shutdown()
 
 
+def test_the_service_and_its_ray_listen_on_loopback_only(service: Service) -> None:
+    """The HTTP proxy (serve.host), the controller, the replicas and the local Ray under them
+    (this process's descendants): no listening socket on an address other than loopback."""
+    from conftest import non_loopback_listeners
+
+    assert service.post(service.sparse(slice(0, 5))).status_code == 200  # replicas are up
+    assert non_loopback_listeners() == []
+
+
 def test_annotate_matches_the_pyfunc_on_real_cells_in_every_layout(service: Service) -> None:
     import anndata
     import mlflow

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import PBMC_PARAMS, tiny_params
+from conftest import PBMC_PARAMS, noise_in, tiny_params
 
 from scbert_platform.ingest import read_manifest
 from scbert_platform.params import Params
@@ -166,6 +166,10 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| scBERT (from scratch) | 5 |" in result.stdout and "| logreg | 5 |" in result.stdout
     assert "Per-class F1" in result.stdout and "CD14+ Monocyte" in result.stdout
+    # the study's bar as plain lines (no terminal), not Tune's tables or the workers' output
+    assert "cv trials: 5/5 trials (100%)" in result.stderr and "failed 0" in result.stderr
+    assert noise_in(result.stderr + result.stdout) == [], result.stderr
+    assert not result.stdout.startswith("cv trials")  # stdout is the table alone
     summary = json.loads((workdir / "cv.json").read_text())
     groups = {g["model"]: g for g in summary["groups"]}
     scratch = groups["scBERT (from scratch)"]

@@ -205,6 +205,7 @@ def cross_validate(
             param_space={"trial": tune.grid_search(items)},
             resume=resume,
             max_concurrent=parallel,
+            n_trials=len(items),
         ).fit()
         failed = {}
         for result in grid:

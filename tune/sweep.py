@@ -187,6 +187,12 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
+def n_trials(space: dict[str, Any], num_samples: int) -> int:
+    """Trials a Tune space gives: each sample runs every combination of its grid values."""
+    grids = [v["grid_search"] for v in space.values() if isinstance(v, dict) and "grid_search" in v]
+    return num_samples * math.prod(len(g) for g in grids)
+
+
 def _search_alg(spec: SweepSpec, seed: int) -> Any:
     import importlib.util
 
@@ -277,10 +283,11 @@ def sweep(
     )
     keys = list(spec.space)
     with running(parent):
+        param_space = tune_space(spec)
         grid = tuner(
             study,
             parent,
-            param_space={"params": tune_space(spec)},
+            param_space={"params": param_space},
             resume=resume,
             max_concurrent=parallel,
             metric=spec.metric,
@@ -288,6 +295,7 @@ def sweep(
             search_alg=_search_alg(spec, params.train.seed),
             scheduler=_scheduler(spec),
             num_samples=spec.num_samples,
+            n_trials=n_trials(param_space, spec.num_samples),
         ).fit()
         rows, reasons = _rows(grid, keys, spec.metric, child_runs(parent))
         close_stopped_children(parent, reasons)

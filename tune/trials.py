@@ -214,6 +214,59 @@ def _release_callback(storage: Path) -> Any:
     return ReleaseEndedTrials()
 
 
+def _progress_callback(kind: str, total: int | None, metric: str, mode: str) -> Any:
+    """A Tune callback drawing the study's bar: trials done of ``total``, how many are running,
+    stopped early and failed, and the best ``metric`` so far (on the driver: Tune runs its
+    callbacks there)."""
+    from ray import tune
+
+    from scbert_platform.console import Progress, progress
+
+    class TrialProgress(tune.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.best: float | None = None
+
+        def setup(self, **info: Any) -> None:
+            self.bar = progress(total=total, desc=f"{kind} trials", unit="trial")
+
+        def on_trial_result(
+            self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+        ) -> None:
+            value = result.get(metric)
+            if isinstance(value, int | float) and math.isfinite(value):
+                better = max if mode == "max" else min
+                self.best = value if self.best is None else better(self.best, value)
+            self._show(trials, redraw=True)
+
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            self._show(trials, redraw=False)
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            self._show(trials, redraw=False)
+            if self.bar is not None:
+                self.bar.close()
+
+        def _show(self, trials: list[Any], *, redraw: bool) -> None:
+            if self.bar is None:
+                return
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+            stopped = sum(
+                t.status == "TERMINATED" and not (t.last_result or {}).get("done") for t in ended
+            )
+            failed = sum(t.status == "ERROR" for t in ended)
+            running = sum(t.status == "RUNNING" for t in trials)
+            best = "" if self.best is None else f", best {metric} {self.best:.3f}"
+            postfix = f"running {running}, stopped early {stopped}, failed {failed}{best}"
+            if postfix != self.bar.postfix or len(ended) != self.bar.n:
+                self.bar.set_postfix_str(postfix, refresh=False)
+                self.bar.update(len(ended) - self.bar.n)
+                if redraw:
+                    self.bar.redraw()
+
+    return TrialProgress()
+
+
 def concurrency(params: Params, cluster_cpus: float, wanted: int | None) -> int:
     """Trials at once (at least 1, at most ``wanted``): each needs its workers' CPUs and one CPU
     for its own Ray Data pipeline. With less, two trials' pipelines were seen to wait on each
@@ -288,10 +341,22 @@ def tuner(
     search_alg: Any = None,
     scheduler: Any = None,
     num_samples: int = 1,
+    n_trials: int | None = None,
 ) -> Any:
     """A new Tuner for the study, or the restored one (finished trials kept, unfinished resumed,
-    errored ones retried)."""
+    errored ones retried). ``n_trials``: how many the study runs, for its progress bar."""
     from ray import tune
+
+    from scbert_platform.console import verbose
+
+    if not verbose():
+        # Tune's new console output prints its configuration box and TensorBoard hints even at
+        # verbose=0; the legacy reporter at verbose=0 prints nothing, and our bar shows the trials
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    callbacks = [
+        _release_callback(study.directory / "train"),
+        _progress_callback(study.kind, n_trials, metric, mode),
+    ]
 
     # A trial Tune stops (ASHA) is blocked inside its Train run and never returns to Tune, which
     # by default waits 600 s before killing it: meanwhile its workers keep their CPUs and the
@@ -307,6 +372,7 @@ def tuner(
                 f"{study.directory} has no Tune state to restore (the {study.kind} stopped "
                 "before its first trial started): start it again under a new --name"
             )
+        # the callbacks come back with the pickled run config of the original Tuner
         return tune.Tuner.restore(
             str(study.directory), trainable=trainable, resume_errored=True, param_space=param_space
         )
@@ -335,8 +401,8 @@ def tuner(
         run_config=tune.RunConfig(
             name=study.name,
             storage_path=str(study.storage),
-            verbose=1 if sys.stderr.isatty() else 0,
-            callbacks=[_release_callback(study.directory / "train")],
+            verbose=1 if verbose() else 0,
+            callbacks=callbacks,
         ),
     )
 
