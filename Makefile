@@ -10,11 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(STAMP)
 
+# -qq: pip's errors only (its warnings about this machine's package indexes are not ours)
 $(STAMP): pyproject.toml
+	@echo "== setting up $(VENV): $(TORCH_SPEC) first (no CUDA build is pulled in), then the project =="
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# the CPU build of torch first, so that no dependency pulls a CUDA build
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -qq --disable-pip-version-check "$(TORCH_SPEC)"
+	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
 # the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,

@@ -32,9 +32,10 @@ _session_logs: Path | None = None  # the log folder of the Ray that start_ray la
 NOISY_LOGGERS = (
     # without the dashboard, a warning every few seconds that the state API does not answer
     "ray.train.v2._internal.execution.controller.placement_group_cleaner",
-    # "Reporting training result N: TrainingReport(...)" for every report of every worker
+    # "Reporting training result N: TrainingReport(...)" for every report of every worker, and
+    # "Checkpoint successfully created at: ..." for every checkpoint
     "ray.train.v2._internal.execution.context",
-    "ray.train.v2._internal.execution.train_fn_utils",
+    "ray.train.v2._internal.execution.storage",
     # Ray Data's execution plan and "execution finished" for every epoch of every run
     "ray.data",
 )

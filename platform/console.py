@@ -117,6 +117,14 @@ class _Lines:
         return False
 
 
+def _size(stream: TextIO) -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+    return size.columns, size.lines
+
+
 class Progress(tqdm):  # type: ignore[type-arg]
     """tqdm on a terminal; elsewhere a plain line every ``every_s`` seconds and about every
     quarter of the total (whichever comes later), plus the first and the last."""
@@ -145,6 +153,10 @@ class Progress(tqdm):  # type: ignore[type-arg]
                 else "{desc}: {n_fmt} {unit}s [{elapsed}, {rate_fmt}]{postfix}"
             )
             stream = _Lines(stream)  # type: ignore[assignment]
+        elif 0 in _size(stream):  # a terminal that reports no size (a bare pty): tqdm would
+            kwargs["dynamic_ncols"] = False  # draw nothing at width or height 0
+            kwargs.setdefault("ncols", 100)
+            kwargs.setdefault("nrows", 20)
         super().__init__(*args, file=stream, **kwargs)
 
     def redraw(self) -> None:

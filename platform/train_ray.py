@@ -425,6 +425,28 @@ def check_params(params: Params, n_folds: int) -> None:
         raise TrainingError("; ".join(problems))
 
 
+def check_init_from(source: str | Path, info: ShardInfo) -> None:
+    """A pretrained checkpoint that the workers could not load (or whose panel is not the
+    data's) fails here, with a message, before Ray starts anything."""
+    import pickle
+
+    path = Path(source)
+    if not path.exists():
+        raise TrainingError(f"--init-from {source}: no such checkpoint directory or .pth file")
+    try:
+        model = load_pretrained(path).model if path.is_dir() else load_published(path)
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+        raise TrainingError(
+            f"--init-from {source} cannot be loaded ({err}): give a directory written by "
+            "scbert pretrain --out, or a published scBERT .pth checkpoint"
+        ) from err
+    if model.config.n_genes != info.n_genes:
+        raise TrainingError(
+            f"{source} has a panel of {model.config.n_genes} genes, the data {info.n_genes}: "
+            "ingest with that model's panel (--panel)"
+        )
+
+
 def default_split(task: str, params: Params) -> CellSplit:
     """The split ``params.train`` describes: pretraining validates on ``pretrain_val_fold``;
     fine-tuning tests on ``test_fold`` (-1: none) and validates on ``val_fold`` (-1: an inner
@@ -468,7 +490,14 @@ def _trainer(
 
     params = Params.from_dict(config["params"])
     split = CellSplit.from_dict(config["split"])
-    return TorchTrainer(
+    trainer = TorchTrainer
+    if train.workers == 1:
+        # One worker needs no torch.distributed process group, whose rendezvous store (PyTorch's
+        # TCPStore, which takes no bind address) would listen on every interface for the run
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        trainer = DataParallelTrainer
+    return trainer(
         train_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
@@ -534,6 +563,8 @@ def fit(
         params.model.gene2vec = str(Path(params.model.gene2vec).resolve())  # workers' cwd differs
     if task == "finetune" and len(info.labels) < 2:
         raise TrainingError(f"{shards} has no cell-type labels: ingest with --label-key")
+    if task == "finetune" and init_from:
+        check_init_from(init_from, info)
     from scbert_platform.cluster import start_ray
 
     cluster_cpus = start_ray()
@@ -692,7 +723,17 @@ def _log_test_evaluation(
         mlflow.log_artifact(str(png), "evaluation")
     mlflow.log_text(report_markdown(report), "evaluation/test_report.md")
     mlflow.log_dict(json.loads(json.dumps(report, default=float)), "evaluation/test_report.json")
-    print(report_markdown(report), file=sys.stderr)
+    from scbert_platform.console import verbose
+
+    if verbose():
+        print(report_markdown(report), file=sys.stderr)
+    else:
+        print(
+            f"{_test_title(split)}: accuracy {flat['test/accuracy']:.3f}, macro F1 "
+            f"{flat['test/macro_f1']:.3f} over {report['n']} cells; per class: the MLflow "
+            "run's evaluation/test_report.md",
+            file=sys.stderr,
+        )
     return flat
 
 

@@ -60,10 +60,11 @@ def test_verbose_switch_and_one_line_warnings(monkeypatch: pytest.MonkeyPatch) -
 
 
 LOOPBACK_PROBE = """
-import json, os
+import json, os, sys, threading
 import ray, ray.data
-from conftest import non_loopback_listeners
+from conftest import non_loopback_listeners, tiny_params
 from scbert_platform.cluster import start_ray
+from scbert_platform.train_ray import fit
 
 start_ray(num_cpus=2)
 
@@ -79,38 +80,53 @@ class Actor:
 actor = Actor.remote()
 ray.get([pid.remote() for _ in range(3)] + [actor.pid.remote()])
 ray.data.range(100).map_batches(lambda batch: batch).take_all()
-import psutil
-listening = sum(
-    c.status == psutil.CONN_LISTEN
-    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
-    for c in p.net_connections(kind="inet")
-)
+exposed, most, done = set(), [0], threading.Event()
+
+def sample():  # while a Ray Train run (controller, worker, Ray Data actors) is going
+    import psutil
+    while not done.wait(0.3):
+        exposed.update(non_loopback_listeners())
+        most[0] = max(most[0], sum(
+            c.status == psutil.CONN_LISTEN
+            for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+        ))
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+try:
+    fit("pretrain", sys.argv[1], tiny_params("runs", max_steps=3, val_every=3, ckpt_every=3))
+finally:
+    done.set()
+    sampler.join()
+exposed.update(non_loopback_listeners())
 print(json.dumps({
     "node_ip": ray.util.get_node_ip_address(),
-    "listening": listening,
-    "exposed": non_loopback_listeners(),
+    "listening": most[0],
+    "exposed": sorted(exposed),
 }))
 """
 
 
 @pytest.mark.ray
-def test_a_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+def test_a_local_ray_listens_on_loopback_only(pbmc_shards: Path, tmp_path: Path) -> None:
     """A Ray started by the project (GCS, raylet, agents, task and actor workers, a Ray Data
-    job): every listening socket of every one of its processes is on 127.0.0.1."""
+    job, then a Ray Train run): every listening socket of every one of its processes, sampled
+    while they run, is on 127.0.0.1."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     env.pop("RAY_ADDRESS", None)
     probe = subprocess.run(
-        [sys.executable, "-c", LOOPBACK_PROBE],
+        [sys.executable, "-c", LOOPBACK_PROBE, str(pbmc_shards)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout.splitlines()[-1])
     assert found["node_ip"] == "127.0.0.1"
-    assert found["listening"] >= 5  # GCS, raylet, workers...: the check saw them
+    assert found["listening"] >= 10  # GCS, raylet, agents, workers...: the check saw them
     assert found["exposed"] == []
     assert noise_in(probe.stderr) == [], probe.stderr  # no token-auth notice, no worker lines
 
@@ -132,3 +148,31 @@ def test_verbose_brings_the_workers_output_back(pbmc_shards: Path, workdir: Path
     assert loud.stdout.startswith("pretrain pretrain-") and "3 steps; train/loss" in loud.stdout
     assert "pretrain: 3/3 steps (100%)" in loud.stderr
     assert "(RayTrainWorker" in loud.stderr and "step 1/3" in loud.stderr
+
+
+def test_an_unexpected_failure_shows_the_failing_workers_last_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failure whose cause is in a Ray worker's log: the traceback, then that worker's last
+    lines and the session's log folder, exit code 1 (expected errors stay one line, exit 2)."""
+    from scbert_platform import cli, cluster
+
+    logs = tmp_path / "session" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "worker-aaa-01.err").write_text("nothing wrong here\n")
+    (logs / "worker-bbb-02.err").write_text(
+        "step 1/4\nTraceback (most recent call last):\n  File 'loop.py'\nValueError: the cause\n"
+    )
+    os.utime(logs / "worker-aaa-01.err", (1, 1))  # the older one
+    monkeypatch.setattr(cluster, "_session_logs", logs)
+
+    def fails(args: object) -> int:
+        raise RuntimeError("Training failed due to worker errors")
+
+    monkeypatch.setattr(cli, "cmd_fetch", fails)
+    assert cli.main(["fetch", "pbmc68k_reduced", "--out", str(tmp_path / "x.h5ad")]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: Training failed due to worker errors" in err
+    assert f"last lines of the failing Ray worker ({logs / 'worker-bbb-02.err'})" in err
+    assert "  ValueError: the cause" in err and f"all logs: {logs}" in err
+    assert "nothing wrong here" not in err and "--verbose" in err
