@@ -179,8 +179,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach:
         print("deployed; it keeps serving while this Ray cluster runs (serve shutdown stops it)")
         return 0
+    import signal
+
     from ray import serve
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (systemd, kill, a container's stop): shut down cleanly
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

@@ -68,10 +68,14 @@ def _loopback_only() -> None:
 def start_ray(**init: Any) -> float:
     """Join or start Ray (``init``: extra ``ray.init`` arguments); the cluster's CPUs."""
     import ray
+    import ray.data
 
     from scbert_platform.console import quiet_libraries, verbose
 
+    # after importing Ray Data, which sets up its loggers (at INFO) when it is first imported
     quiet_libraries()
+    if not verbose():  # Ray Data's per-operator bars and progress logs; ours count the cells
+        ray.data.DataContext.get_current().enable_progress_bars = False
     if not ray.is_initialized():
         runtime_env = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
         if not joins_cluster(init):

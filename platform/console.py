@@ -53,10 +53,11 @@ def quiet_libraries() -> None:
         return
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data warns "Progress bars disabled. To enable, set ..." on every run: they are off on
+    # purpose (our bars count the cells and steps)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # MLflow draws a tqdm bar (at ~16,000 it/s) for every artifact download of a few kB
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Ray Data's own per-operator bars; ours show the steps and cells instead
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Ray Data warns on every run that ExecutionOptions.exclude_resources, which Ray Train itself
     # sets, is deprecated: nothing in this project sets it
     warnings.filterwarnings("ignore", message=".*exclude_resources.*is deprecated")

@@ -98,6 +98,33 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve starts an inter-deployment gRPC server in every replica, bound to "[::]:0"
+    (every interface) whatever the node's address (``ray/serve/_private/replica.py``). On a Ray
+    whose node address is 127.0.0.1 (the local Ray the platform starts, which listens on
+    loopback only) its callers can only be on this node, so it is bound to 127.0.0.1 instead.
+    Runs in the replica, after the model is loaded and before Serve starts that server; a
+    cluster's replicas (any other node address) and Serve versions without that helper are
+    left as they are."""
+    import ray
+
+    if not ray.is_initialized() or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "loopback", False):
+        return
+
+    def bind_loopback(server: Any, address: str) -> Any:
+        return original(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    bind_loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind_loopback
+
+
 class AnnotatorReplica:
     """One replica: the model, its panel and classes, the request checks and the metrics.
     ``Annotator`` below is this class as a Serve deployment with the FastAPI ingress; the class
@@ -124,6 +151,7 @@ class AnnotatorReplica:
         self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.token = os.environ.get(TOKEN_ENV) or None
         self._warm_up()
+        _replica_grpc_on_loopback()
         self.ready = True
 
     def _warm_up(self) -> None:

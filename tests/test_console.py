@@ -176,3 +176,17 @@ def test_an_unexpected_failure_shows_the_failing_workers_last_lines(
     assert f"last lines of the failing Ray worker ({logs / 'worker-bbb-02.err'})" in err
     assert "  ValueError: the cause" in err and f"all logs: {logs}" in err
     assert "nothing wrong here" not in err and "--verbose" in err
+
+
+@pytest.mark.ray
+def test_a_ray_data_job_on_the_driver_prints_nothing(
+    ray_local: object, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Data in the driver (ingest and annotate --distributed use it): no execution plans,
+    progress logs or notice that its bars are off."""
+    import ray.data
+
+    capfd.readouterr()
+    assert len(ray.data.range(300).map_batches(lambda batch: batch).take_all()) == 300
+    out, err = capfd.readouterr()
+    assert noise_in(out + err) == [] and "Progress" not in err and "Dataset" not in err, err
