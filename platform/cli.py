@@ -181,17 +181,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     import signal
 
-    from ray import serve
+    from scbert_serve.app import stop
 
-    def stop(signum: int, frame: object) -> None:
+    def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM (systemd, kill, a container's stop): shut down cleanly
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         while True:
             time.sleep(3600)
     finally:
-        serve.shutdown()
+        stop()
 
 
 def cmd_cv(args: argparse.Namespace) -> int:

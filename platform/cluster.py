@@ -28,6 +28,7 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _session_logs: Path | None = None  # the log folder of the Ray that start_ray last joined
+_started: bool = False  # whether start_ray started that Ray (rather than joined one)
 
 NOISY_LOGGERS = (
     # without the dashboard, a warning every few seconds that the state API does not answer
@@ -92,6 +93,8 @@ def start_ray(**init: Any) -> float:
             # design; 8 workers may start at once instead of 2, which is not a problem here.
             init.setdefault("_system_config", {"worker_maximum_startup_concurrency": 8})
         init.setdefault("log_to_driver", verbose())
+        global _started
+        _started = not joins_cluster(init)
         ray.init(
             include_dashboard=False,
             configure_logging=False,
@@ -113,6 +116,13 @@ def logs_dir() -> Path | None:
     node = getattr(ray._private.worker, "_global_node", None)
     session = node.get_session_dir_path() if node is not None else None
     return Path(session, "logs") if session else None
+
+
+def started_here() -> bool:
+    """Whether the running Ray is a local one that ``start_ray`` started in this process."""
+    import ray
+
+    return _started and ray.is_initialized()
 
 
 def session_logs() -> Path | None:

@@ -223,7 +223,6 @@ def register_and_promote(cv_report: Path) -> tuple[str, str]:
         gate = f"promoted: {move.reason}"
     except GateRefused as refused:
         gate = f"not promoted, the gate refused: {refused}"
-    print(gate)
     champion = client.get_model_version_by_alias(name, CHAMPION)
     decision = (
         f"champion: {name}@{CHAMPION} = version {champion.version} (cv/macro_f1 "
@@ -239,14 +238,13 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     over all cells, and over the fold the champion never saw (it is one CV fold's model).
     Returns the endpoint's answer in one line."""
     import requests
-    from ray import serve
 
     from scbert_platform.cluster import start_ray
     from scbert_platform.loader import ShardInfo
     from scbert_platform.params import Params
     from scbert_platform.pyfunc import shard_counts
     from scbert_platform.tracking import registry_client
-    from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run
+    from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run, stop
     from scbert_serve.schema import sparse_cells
 
     params = Params.load(params_file).serve
@@ -256,8 +254,9 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     start_ray()
     started = time.perf_counter()
     url = run(params, source)
+    prometheus = f"http://127.0.0.1:{metrics_port()}/metrics"
     print(
-        f"\nserving {name} version {source.version} (champion) at {url} "
+        f"serving {name} version {source.version} (champion) at {url} "
         f"(started in {time.perf_counter() - started:.0f} s); docs at {url}/docs"
     )
     headers = (
@@ -284,7 +283,7 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
         elapsed = time.perf_counter() - started
         coverage = reply.json()["coverage"]
     finally:
-        serve.shutdown()
+        stop()
     truth = obs["label"].to_numpy()
     hits, top_hits = np.asarray(predicted) == truth, np.asarray(top1) == truth
     n_unassigned = sum(p == "Unassigned" for p in predicted)
@@ -312,7 +311,7 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
             f"probable type; scbert cv measured {cv_accuracy:.3f} on this fold in-process)"
         )
         answer += f"; on its held-out fold {fold}: {top_hits[mask].mean():.3f}"
-    print(f"  (Prometheus metrics were at http://127.0.0.1:{metrics_port()}/metrics)")
+    print(f"  (Prometheus metrics were at {prometheus})")
     return answer
 
 

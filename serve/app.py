@@ -507,6 +507,22 @@ def run(
     return f"http://{host}:{params.port}{params.route_prefix.rstrip('/')}"
 
 
+def stop() -> None:
+    """Stop serving. A local Ray that this process started is shut down, with Serve's
+    controller, proxy and replicas in it. (``serve.shutdown()`` would end with the controller
+    killing itself inside its own ``graceful_shutdown`` task, which the raylet reports on the
+    screen as a failed task, and ``serve.delete`` waits for ever if a signal to the whole
+    process group has already stopped that Ray.) On a joined cluster, Serve is shut down there."""
+    import ray
+
+    from scbert_platform.cluster import started_here
+
+    if started_here():
+        ray.shutdown()
+    else:
+        serve.shutdown()
+
+
 def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
     """Replicas of the annotator by state (``RUNNING``, ``STARTING``, ``STOPPING``, ...)."""
     status = serve.status().applications.get(app_name)
