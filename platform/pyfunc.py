@@ -183,6 +183,36 @@ class ScBertAnnotator:
         return out
 
 
+# What the pyfunc imports to load and predict (this platform's own distribution, then the
+# packages its prediction path imports), pinned to the versions installed here
+REQUIREMENTS = (
+    "scbert-platform",
+    "torch",
+    "einops",
+    "numpy",
+    "safetensors",
+    "pandas",
+    "scipy",
+    "scanpy",
+    "anndata",
+    "mlflow",
+)
+
+
+def model_requirements() -> list[str]:
+    """``name==version`` of ``REQUIREMENTS`` as installed. Given to MLflow, which otherwise
+    infers them by importing the model in a subprocess (several seconds per logged model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in REQUIREMENTS:
+        try:
+            pinned.append(f"{name}=={version(name).split('+')[0]}")  # no local label (+cpu)
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
 def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator") -> str:
     """Log the checkpoint as an MLflow pyfunc in the active run, with a signature inferred
     from ``example`` (a small counts DataFrame) and the example itself. Returns the model URI."""
@@ -208,6 +238,7 @@ def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator")
             signature=infer_signature(example, output, params={"threshold": 0.5}),
             input_example=example,
             code_paths=None,
+            pip_requirements=model_requirements(),
         )
     return str(info.model_uri)
 
