@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,35 @@ def ray_local(_ray_shutdown_at_exit: None) -> Any:
 
     start_ray(num_cpus=2)
     return ray
+
+
+def scbert_cli(
+    workdir: Path, *args: str, timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """``scbert ARGS`` in ``workdir`` as a user would run it (output captured, not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "scbert_platform.cli", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def mlflow_client(workdir: Path) -> Any:
+    """A client on the tracking store the CLI uses in ``workdir`` (its embedded SQLite file)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+
+
+def child_runs(workdir: Path, parent: Any) -> list[Any]:
+    """The MLflow child runs of ``parent`` (a sweep's or CV's trials)."""
+    return mlflow_client(workdir).search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
 
 
 # What only Ray's and the libraries' internals print: none of it reaches a user's screen unless

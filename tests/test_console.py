@@ -1,6 +1,7 @@
-"""What a person sees: progress as plain lines where no terminal is, the quiet/verbose switch, a
-local Ray that listens on loopback only, and a training verb's screen with and without
-``--verbose``."""
+"""What a person sees: progress as plain lines where no terminal is, the quiet/verbose switch,
+a local Ray that listens on loopback only, a failure's worker lines. A training verb's screen:
+quiet by default in tests/test_dvc.py (the pipeline's stages), with ``--verbose`` in
+tests/test_train_ray.py (a resumed run)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import noise_in, tiny_params
+from conftest import noise_in
 
 
 def test_a_bar_without_a_terminal_prints_a_few_whole_lines() -> None:
@@ -129,25 +130,6 @@ def test_a_local_ray_listens_on_loopback_only(pbmc_shards: Path, tmp_path: Path)
     assert found["listening"] >= 10  # GCS, raylet, agents, workers...: the check saw them
     assert found["exposed"] == []
     assert noise_in(probe.stderr) == [], probe.stderr  # no token-auth notice, no worker lines
-
-
-@pytest.mark.ray
-def test_verbose_brings_the_workers_output_back(pbmc_shards: Path, workdir: Path) -> None:
-    """``--verbose`` shows what the Ray workers print, which a default run keeps in the log
-    files (the quiet default is checked on the pipeline's own stages in tests/test_dvc.py); the
-    step bar and the result are there either way."""
-    tiny_params(workdir / "runs", max_steps=3, val_every=3, ckpt_every=3).dump("params.yaml")
-    loud = subprocess.run(
-        [sys.executable, "-m", "scbert_platform.cli", "--verbose", "pretrain", str(pbmc_shards)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert loud.returncode == 0, loud.stderr[-3000:]
-    assert loud.stdout.startswith("pretrain pretrain-") and "3 steps; train/loss" in loud.stdout
-    assert "pretrain: 3/3 steps (100%)" in loud.stderr
-    assert "(RayTrainWorker" in loud.stderr and "step 1/3" in loud.stderr
 
 
 def test_an_unexpected_failure_shows_the_failing_workers_last_lines(

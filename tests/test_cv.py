@@ -1,0 +1,117 @@
+"""Cross-validation for real: Ray Tune fold trials that are Ray Train runs on the real dataset,
+the CV table next to the baselines on the same folds, its MLflow parent and child runs, the
+registration of a CV run, and leave-one-dataset-out. (In a file of their own so that the suite's
+two processes can run them beside the sweep tests in tests/test_tune.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import PBMC_PARAMS, child_runs, mlflow_client, noise_in, scbert_cli, tiny_params
+
+from scbert_platform.ingest import read_manifest
+
+pytestmark = pytest.mark.ray
+N_FOLDS = 3  # the CV test's folds
+
+
+def test_cv_on_real_folds_next_to_the_baselines_then_register(
+    pbmc_h5ad: Path, workdir: Path
+) -> None:
+    """Fold trials from scratch (tiny model, few steps: the mechanics, not the accuracy), the
+    logreg baseline in the same table, every labelled cell tested once, then the CV run is
+    registered with its CV metrics and promoted past the gate. The real cells are ingested in
+    3 folds rather than 5: the same mechanics in 2 fewer trials (the suite's time budget)."""
+    from scbert_platform.ingest import ingest
+    from scbert_platform.params import DataParams
+
+    shards = workdir / "pbmc68k"
+    data = DataParams(**PBMC_PARAMS, n_folds=N_FOLDS)
+    ingest(pbmc_h5ad, shards, data, executor="local", log=lambda _: None)
+    tiny_params(workdir / "runs", max_steps=6, val_every=3, ckpt_every=3).dump(
+        workdir / "params.yaml"
+    )
+    result = scbert_cli(
+        workdir,
+        "cv",
+        str(shards),
+        "--from-scratch",
+        "--baseline",
+        "logreg",
+        "--name",
+        "cv",
+        "--metrics",
+        "cv.json",
+        "--params",
+        "params.yaml",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"| scBERT (from scratch) | {N_FOLDS} |" in result.stdout
+    assert f"| logreg | {N_FOLDS} |" in result.stdout
+    assert "Per-class F1" in result.stdout and "CD14+ Monocyte" in result.stdout
+    # the study's bar as plain lines (no terminal), not Tune's tables or the workers' output
+    assert f"cv trials: {N_FOLDS}/{N_FOLDS} trials (100%)" in result.stderr
+    assert "failed 0" in result.stderr
+    assert noise_in(result.stderr + result.stdout) == [], result.stderr
+    assert not result.stdout.startswith("cv trials")  # stdout is the table alone
+    summary = json.loads((workdir / "cv.json").read_text())
+    groups = {g["model"]: g for g in summary["groups"]}
+    scratch = groups["scBERT (from scratch)"]
+    counts = read_manifest(shards)["folds"]["counts"]
+    assert [f["n"] for f in scratch["folds"]] == [counts[str(k)] for k in range(N_FOLDS)]
+    assert np.std([f["accuracy"] for f in scratch["folds"]], ddof=1) == pytest.approx(
+        scratch["accuracy_std"]
+    )
+    results = json.loads((workdir / "runs" / "cv" / "cv_results.json").read_text())
+    total = sum(map(sum, results[0]["confusion_matrix"]))
+    assert total == sum(counts.values())  # the summed confusion: every labelled cell once
+
+    c = mlflow_client(workdir)
+    parent = c.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["cv/macro_f1"] == pytest.approx(scratch["macro_f1_mean"])
+    assert "cv/macro_f1_std" in parent.data.metrics
+    assert any(k.startswith("cv/f1/") for k in parent.data.metrics)
+    assert "cv/logreg/macro_f1" in parent.data.metrics
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"confusion_matrix.png", "cv_report.md", "cv_results.json"} <= artifacts
+    kids = child_runs(workdir, parent)
+    assert sorted(k.data.tags["scbert.cv_held_out"] for k in kids) == [
+        f"fold {k}" for k in range(N_FOLDS)
+    ]
+    assert all(k.data.params["split"].startswith("test folds") for k in kids)
+
+    registered = scbert_cli(workdir, "register", summary["mlflow_run_id"])
+    assert registered.returncode == 0, registered.stderr
+    promoted = scbert_cli(workdir, "promote", "scbert-pbmc68k")
+    assert promoted.returncode == 0, promoted.stderr
+    version = c.get_model_version_by_alias("scbert-pbmc68k", "champion")
+    assert float(version.tags["metric.cv/macro_f1"]) == pytest.approx(scratch["macro_f1_mean"])
+
+
+def test_leave_one_dataset_out(pbmc_h5ad: Path, workdir: Path, ray_local: Any) -> None:
+    """Real cells in two artificial 'datasets' (alternate cells), ingested with --batch-key:
+    each dataset in turn is the test set."""
+    import anndata
+
+    from scbert_platform.ingest import ingest
+    from scbert_platform.params import DataParams
+    from scbert_tune.cv import cross_validate
+
+    adata = anndata.read_h5ad(pbmc_h5ad)
+    adata.obs["dataset"] = np.where(np.arange(adata.n_obs) % 2 == 0, "lab_a", "lab_b")
+    adata.write_h5ad(workdir / "two.h5ad")
+    shards = workdir / "two"
+    data = DataParams(**PBMC_PARAMS, batch_key="dataset")
+    ingest(workdir / "two.h5ad", shards, data, executor="local", log=lambda _: None)
+    params = tiny_params(workdir / "runs", max_steps=4, val_every=2, ckpt_every=2)
+    result = cross_validate(shards, params, protocol="leave-one-dataset-out", name="lodo")
+    (group,) = result.groups
+    assert [f["held_out"] for f in group["folds"]] == ["lab_a", "lab_b"]
+    batches = read_manifest(shards)["batches"]["counts"]
+    assert [f["n"] for f in group["folds"]] == [batches["lab_a"], batches["lab_b"]]
+    assert "| scBERT | all | 2 |" in result.markdown
