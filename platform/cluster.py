@@ -1,8 +1,9 @@
 """Starting (or joining) Ray the same way everywhere: ingest, training, sweeps, CV, serving, tests.
 
 Ray is joined when already initialised (a notebook's ``ray.init(address=...)``, a Tune trial) or
-when an address is given (``address=``, ``RAY_ADDRESS``): the cluster keeps its own addressing.
-Otherwise a local Ray starts that
+when an address is given (``address=``, ``RAY_ADDRESS``; ``auto`` for the cluster a ``ray start``
+on this machine began): the cluster keeps its own addressing. Otherwise a new local Ray starts
+(never a silent join of whatever cluster runs on the machine) that
 
 - listens on loopback only: its node address is 127.0.0.1, and Ray's servers (GCS, raylet,
   workers, agents) bind that address. On Linux Ray replaces 127.0.0.1 by the machine's
@@ -20,8 +21,10 @@ Otherwise a local Ray starts that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +57,29 @@ def quiet_worker_logs() -> None:
 
 
 def joins_cluster(init: dict[str, Any]) -> bool:
-    """Whether ``ray.init(**init)`` would join an existing cluster rather than start one."""
-    return bool(init.get("address") or os.environ.get("RAY_ADDRESS"))
+    """Whether ``init`` (or ``RAY_ADDRESS``) names a cluster to join rather than a local Ray."""
+    return (init.get("address") or os.environ.get("RAY_ADDRESS") or "local") != "local"
 
 
-def _loopback_only() -> None:
-    """Make the Ray started next (and its child processes) use 127.0.0.1 as its node address."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by workers at import
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While Ray starts, its single-machine mode: the node address is 127.0.0.1, in this process
+    and in the processes Ray starts (they inherit the environment). Restored afterwards, so that
+    a later ``ray.init(address=...)`` in this process joins a cluster by its own address."""
     from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process: ray was imported already
+    variable = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    before = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable] = "0"  # read by Ray's processes when they import ray
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported ray already
+    try:
+        yield
+    finally:
+        if before[0] is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before[0]
+        ray_constants.ENABLE_RAY_CLUSTER = before[1]
 
 
 def start_ray(**init: Any) -> float:
@@ -79,8 +95,12 @@ def start_ray(**init: Any) -> float:
         ray.data.DataContext.get_current().enable_progress_bars = False
     if not ray.is_initialized():
         runtime_env = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
-        if not joins_cluster(init):
-            _loopback_only()
+        local = not joins_cluster(init)
+        if local:
+            # "local": a new Ray of its own, even where ray.init() would join the cluster a
+            # `ray start` on this machine left in /tmp/ray/ray_current_cluster (join one with
+            # --address or RAY_ADDRESS)
+            init["address"] = "local"
             init.setdefault("_node_ip_address", LOOPBACK)
             # Ray turns token authentication on for a new local cluster (kept: the ports are
             # loopback, but other users of the machine can reach loopback too) and announces it
@@ -94,13 +114,14 @@ def start_ray(**init: Any) -> float:
             init.setdefault("_system_config", {"worker_maximum_startup_concurrency": 8})
         init.setdefault("log_to_driver", verbose())
         global _started
-        _started = not joins_cluster(init)
-        ray.init(
-            include_dashboard=False,
-            configure_logging=False,
-            runtime_env=init.pop("runtime_env", None) or runtime_env,
-            **init,
-        )
+        _started = local
+        with _loopback_only() if local else contextlib.nullcontext():
+            ray.init(
+                include_dashboard=False,
+                configure_logging=False,
+                runtime_env=init.pop("runtime_env", None) or runtime_env,
+                **init,
+            )
     global _session_logs
     _session_logs = logs_dir()
     return float(ray.cluster_resources().get("CPU", 0))
