@@ -78,6 +78,17 @@ def _write_metrics(path: Path, manifest: dict[str, object]) -> None:
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+# a training run's one result line (the rest is in --metrics and the MLflow run)
+SUMMARY_METRICS = (
+    "train/loss",
+    "val/loss",
+    "val/masked_acc",
+    "val/best_macro_f1",
+    "test/accuracy",
+    "test/macro_f1",
+)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from scbert_platform.train_ray import fit
 
@@ -98,10 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "steps": result.steps,
         **result.metrics,
     }
-    keys = ("train/loss", "val/loss", "val/masked_acc", "val/best_macro_f1", "test/accuracy")
-    shown = [
-        f"{k} {result.metrics[k]:.3f}" for k in (*keys, "test/macro_f1") if k in result.metrics
-    ]
+    shown = [f"{k} {result.metrics[k]:.3f}" for k in SUMMARY_METRICS if k in result.metrics]
     print(f"{args.verb} {result.run_name}: {result.steps} steps; {', '.join(shown)}")
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ on this machine began): the cluster keeps its own addressing. Otherwise a new lo
   ``--verbose`` / ``SCBERT_VERBOSE=1``; ``logs_dir()`` says where they are;
 - runs without the dashboard. Ray Train's placement-group cleaner asks the state API (served by
   the dashboard) every few seconds whether its controller is alive, and without a dashboard it
-  logs a warning each time; ``quiet_worker_logs`` runs in every worker process and raises that
-  logger's level (and those of ``NOISY_LOGGERS``), so what a worker logs stays readable.
+  logs a warning each time; ``quiet_worker_logs`` runs in every worker process, raises that
+  logger's level and lowers the libraries' chatter (``console.quiet_libraries``), so what a
+  worker logs stays readable.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,16 +35,8 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _session_logs: Path | None = None  # the log folder of the Ray that start_ray last joined
 _started: bool = False  # whether start_ray started that Ray (rather than joined one)
 
-NOISY_LOGGERS = (
-    # without the dashboard, a warning every few seconds that the state API does not answer
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
-    # "Reporting training result N: TrainingReport(...)" for every report of every worker, and
-    # "Checkpoint successfully created at: ..." for every checkpoint
-    "ray.train.v2._internal.execution.context",
-    "ray.train.v2._internal.execution.storage",
-    # Ray Data's execution plan and "execution finished" for every epoch of every run
-    "ray.data",
-)
+# without the dashboard, a warning every few seconds that the state API does not answer
+NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 def quiet_worker_logs() -> None:
@@ -52,7 +46,7 @@ def quiet_worker_logs() -> None:
     if verbose():
         return
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     quiet_libraries()
 
 
@@ -91,8 +85,9 @@ def start_ray(**init: Any) -> float:
 
     # after importing Ray Data, which sets up its loggers (at INFO) when it is first imported
     quiet_libraries()
-    if not verbose():  # Ray Data's per-operator bars and progress logs; ours count the cells
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data's per-operator bars and progress logs only on request (on a terminal): our own
+    # bars count the steps and cells
+    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
     if not ray.is_initialized():
         runtime_env = {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
         local = not joins_cluster(init)

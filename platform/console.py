@@ -29,6 +29,10 @@ CHATTY_LOGGERS = (
     "ray.tune.tune",  # "Tune config ... Ray Tune is running with..."
     "ray.tune.tuner",
     "ray.data",  # execution plans and "Dataset ... execution finished" of every epoch
+    # Ray Train's "Reporting training result N: TrainingReport(...)" for every report of every
+    # worker, and "Checkpoint successfully created at: ..." for every checkpoint
+    "ray.train.v2._internal.execution.context",
+    "ray.train.v2._internal.execution.storage",
     "ray.serve",  # replica and proxy start-up lines
 )
 

@@ -74,13 +74,7 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
     n_classes = len(info.labels) if config["task"] == "finetune" else None
     source = config.get("init_from")
     if config["task"] == "finetune" and source:
-        path = Path(source)
-        model = load_pretrained(path).model if path.is_dir() else load_published(path)
-        if model.config.n_genes != info.n_genes:
-            raise TrainingError(
-                f"{source} has a panel of {model.config.n_genes} genes, the data "
-                f"{info.n_genes}: ingest with that model's panel (--panel)"
-            )
+        model = _load_init_from(Path(source))  # checked by fit (check_init_from) beforehand
         model.encoder.activation_checkpointing = params.train.activation_checkpointing
         return model.with_cell_type_head(len(info.labels))
     cfg = model_config(
@@ -425,6 +419,11 @@ def check_params(params: Params, n_folds: int) -> None:
         raise TrainingError("; ".join(problems))
 
 
+def _load_init_from(path: Path) -> ScBert:
+    """A pretrained model: our checkpoint directory, or a published ``.pth``."""
+    return load_pretrained(path).model if path.is_dir() else load_published(path)
+
+
 def check_init_from(source: str | Path, info: ShardInfo) -> None:
     """A pretrained checkpoint that the workers could not load (or whose panel is not the
     data's) fails here, with a message, before Ray starts anything."""
@@ -434,7 +433,7 @@ def check_init_from(source: str | Path, info: ShardInfo) -> None:
     if not path.exists():
         raise TrainingError(f"--init-from {source}: no such checkpoint directory or .pth file")
     try:
-        model = load_pretrained(path).model if path.is_dir() else load_published(path)
+        model = _load_init_from(path)
     except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
         raise TrainingError(
             f"--init-from {source} cannot be loaded ({err}): give a directory written by "
@@ -568,12 +567,7 @@ def fit(
     from scbert_platform.cluster import start_ray
 
     cluster_cpus = start_ray()
-    import ray.data
 
-    from scbert_platform.console import verbose
-
-    # Ray Data's per-operator bars only on request: the run's own bar shows steps and cells/s
-    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
     check_resources(train, cluster_cpus)
 
     split = split or default_split(task, params)
