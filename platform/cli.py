@@ -56,7 +56,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "data.make_unique": True if args.make_unique else None,
         },
     )
-    report = ingest(args.input, args.out, params.data, executor=args.executor)
+    report = ingest(
+        args.input, args.out, params.data, executor=args.executor, overwrite=args.overwrite
+    )
     if args.metrics:
         _write_metrics(Path(args.metrics), report.manifest)
     return 0
@@ -90,9 +92,13 @@ SUMMARY_METRICS = (
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from scbert.atomic import check_output, copy_directory
     from scbert_platform.train_ray import fit
 
     params = _params(args, {})
+    inputs = [args.shards, *([args.init_from] if getattr(args, "init_from", None) else [])]
+    if args.out:  # before training: a refused --out found after an hour of training is lost time
+        check_output(args.out, kind="checkpoint", overwrite=args.overwrite, inputs=inputs)
     result = fit(
         args.verb,
         args.shards,
@@ -115,10 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
     if args.out:
-        import shutil
-
-        shutil.rmtree(args.out, ignore_errors=True)
-        shutil.copytree(result.checkpoint, args.out)
+        copy_directory(
+            result.checkpoint, args.out, kind="checkpoint", overwrite=args.overwrite, inputs=inputs
+        )
     print(f"model: {args.out or result.checkpoint}", file=sys.stderr)
     _where(f"MLflow run {result.mlflow_run_id} (experiment scbert-{args.verb})")
     return 0
@@ -395,9 +400,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from scbert.atomic import check_output
     from scbert_platform.annotation import CELL_TYPE, annotate
     from scbert_platform.explanation import explain, write_explanation
 
+    inputs = [args.input_file, args.model]
+    check_output(args.out, kind="explanation", overwrite=args.overwrite, inputs=inputs)
     adata, _ = _read_h5ad(args.input_file, False)
     if args.groupby is None and CELL_TYPE not in adata.obs:
         annotate(
@@ -414,7 +422,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **_input_options(args),
     )
-    files = write_explanation(explanation, args.out)
+    files = write_explanation(explanation, args.out, overwrite=args.overwrite, inputs=inputs)
     for group, genes in explanation.genes().items():
         print(f"{group} ({explanation.n_cells[group]} cells): {', '.join(genes)}")
     print(f"wrote {len(files)} files to {args.out}", file=sys.stderr)
@@ -472,6 +480,12 @@ VERBOSE_HELP = (
 )
 
 
+OVERWRITE_HELP = (
+    "replace --out even when it holds files scbert did not write (never the current, home or "
+    "root directory, nor one holding an input)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scbert", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
@@ -481,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="raw counts (.h5ad, 10x .h5/mtx, .loom) -> Parquet cell shards"
     )
     ingest.add_argument("input", help=".h5ad, 10x .h5, .loom, or a 10x matrix.mtx directory")
-    ingest.add_argument("--out", required=True, help="output shard directory (replaced)")
+    ingest.add_argument(
+        "--out", required=True, help="output shard directory (replaced when it holds shards)"
+    )
+    ingest.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ingest.add_argument("--name", help="dataset name (data.name)")
     ingest.add_argument("--panel", help="gene panel: symbols file or Gene2vec text (data.panel)")
     ingest.add_argument("--label-key", help="obs column with cell-type labels (data.label_key)")
@@ -515,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--resume", metavar="RUN", help="continue a stopped run from its checkpoint"
         )
         sub.add_argument("--out", help="also copy the final model checkpoint directory here")
+        sub.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         sub.add_argument("--metrics", help="also write the final metrics as JSON (for DVC)")
         if verb == "finetune":
             sub.add_argument(
@@ -670,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="top genes per cell type by attention (CSV, GMT, heatmap, dot plot)"
     )
     _model_flags(exp)
-    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--out", required=True, help="output folder (replaced when it holds one)")
+    exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     exp.add_argument(
         "--groupby", help="obs column of cell types (default: the model's predicted types)"
     )

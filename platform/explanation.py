@@ -20,6 +20,7 @@ type, dot size = fraction expressing, Fig. 5c).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,31 +186,37 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "group"
 
 
-def write_explanation(explanation: Explanation, out: str | Path) -> list[Path]:
-    """CSV, GMT, per-type gene lists and the two figures under ``out``; logged to the active
-    MLflow run, if any. Returns the files written."""
+def write_explanation(
+    explanation: Explanation,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> list[Path]:
+    """CSV, GMT, per-type gene lists and the two figures in the folder ``out``, written atomically
+    (``scbert.atomic.atomic_directory``: an earlier explanation is replaced, a folder of other
+    files only with ``overwrite``); logged to the active MLflow run, if any. Returns the files."""
+    from scbert.atomic import atomic_directory
     from scbert_platform.plots import log_to_mlflow
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "top_genes.csv"]
-    explanation.top.to_csv(files[0], index=False)
     genes = explanation.genes()
-    gmt = out / "top_genes.gmt"
-    gmt.write_text(
-        "".join(
-            f"{_slug(g)}\tscBERT top {len(v)} genes by {explanation.rank_by} "
-            f"({explanation.groupby}={g})\t" + "\t".join(v) + "\n"
-            for g, v in genes.items()
+    with atomic_directory(out, kind="explanation", overwrite=overwrite, inputs=inputs) as staging:
+        explanation.top.to_csv(staging / "top_genes.csv", index=False)
+        (staging / "top_genes.gmt").write_text(
+            "".join(
+                f"{_slug(g)}\tscBERT top {len(v)} genes by {explanation.rank_by} "
+                f"({explanation.groupby}={g})\t" + "\t".join(v) + "\n"
+                for g, v in genes.items()
+            )
         )
-    )
-    files.append(gmt)
-    for group, names in genes.items():
-        path = out / f"genes_{_slug(group)}.txt"
-        path.write_text("\n".join(names) + "\n")
-        files.append(path)
-    files.append(attention_heatmap(explanation, out / "attention_heatmap.png"))
-    files.append(expression_dotplot(explanation, out / "expression_dotplot.png"))
+        names = ["top_genes.csv", "top_genes.gmt"]
+        for group, symbols in genes.items():
+            names.append(f"genes_{_slug(group)}.txt")
+            (staging / names[-1]).write_text("\n".join(symbols) + "\n")
+        names.append(attention_heatmap(explanation, staging / "attention_heatmap.png").name)
+        names.append(expression_dotplot(explanation, staging / "expression_dotplot.png").name)
+    files = [out / name for name in names]
     log_to_mlflow(files, artifact_path="explain")
     return files
 

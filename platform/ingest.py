@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scbert.atomic import atomic_directory
+from scbert.atomic import atomic_directory, check_output
 from scbert_platform.panel import Panel, PanelError
 from scbert_platform.params import DataParams
 
@@ -798,16 +798,21 @@ def ingest(
     params: DataParams,
     *,
     executor: str = "auto",
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> IngestReport:
     """Ingest ``source`` into the shard directory ``output`` (replaced atomically).
 
     ``executor``: ``ray`` (Ray Data tasks), ``local`` (this process) or ``auto`` (``ray`` when
-    the input has more than one chunk of ``params.chunk_cells`` cells).
+    the input has more than one chunk of ``params.chunk_cells`` cells). ``output`` may be absent,
+    empty or earlier shards; anything else is refused before any work unless ``overwrite``
+    (``scbert.atomic.check_output``).
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     started = time.perf_counter()
     source, output = Path(source), Path(output)
+    inputs = [source, *([params.panel] if params.panel else [])]
+    check_output(output, kind="shards", overwrite=overwrite, inputs=inputs)
     if executor not in ("auto", "ray", "local"):
         raise ValueError(f"executor must be auto, ray or local, got {executor!r}")
     if params.chunk_cells < 1 or params.shard_mb <= 0 or params.min_genes < 0:
@@ -829,7 +834,10 @@ def ingest(
             for start in range(0, table.n_cells, params.chunk_cells)
         ]
         with _ray_session(use_ray):
-            manifest = _ingest(table, chunks, output, params, use_ray, say, source)
+            stage = partial(
+                atomic_directory, output, kind="shards", overwrite=overwrite, inputs=inputs
+            )
+            manifest = _ingest(table, chunks, output, stage, params, use_ray, say, source)
     seconds = time.perf_counter() - started
     cells = manifest["cells"]
     say(
@@ -856,6 +864,7 @@ def _ingest(
     table: InputTable,
     chunks: list[ChunkSpec],
     output: Path,
+    stage: Callable[[], AbstractContextManager[Path]],
     params: DataParams,
     use_ray: bool,
     say: Callable[[str], None],
@@ -909,7 +918,7 @@ def _ingest(
     fold_of = np.full(table.n_cells, -1, dtype=np.int8)
     fold_of[kept_rows] = folds
 
-    with atomic_directory(output) as staging:
+    with stage() as staging:  # atomic_directory: the shards replace output only when complete
         shards = []
         for part, (lo, hi) in enumerate(plan_shards(n_genes[kept_rows], params.shard_mb)):
             rows = kept_rows[lo:hi]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from scbert import ScBert, load_pretrained, load_published, save_pretrained
+from scbert.atomic import copy_directory
 from scbert_platform.ingest import MANIFEST, read_manifest
 from scbert_platform.loader import ShardInfo, cell_dataset, iter_local_batches
 from scbert_platform.params import Params
@@ -656,10 +657,7 @@ def fit(
         # the final model beside the run's checkpoints (a local temporary copy for remote storage)
         final = run_dir if run_dir else Path(tempfile.mkdtemp(prefix="scbert-final-"))
         with result.checkpoint.as_directory() as directory:
-            import shutil
-
-            shutil.rmtree(final / MODEL_DIR, ignore_errors=True)
-            shutil.copytree(Path(directory) / MODEL_DIR, final / MODEL_DIR)
+            copy_directory(Path(directory) / MODEL_DIR, final / MODEL_DIR, kind="checkpoint")
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
         metrics = dict(result.metrics or {})
         if task == "finetune" and saved["loop"]["best_step"] >= 0:  # the step that was kept

@@ -6,13 +6,14 @@ A crash, an exception or Ctrl-C while the directory is being written leaves the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,31 +50,145 @@ def _umask() -> int:
     return mask
 
 
+# What each kind of directory output holds: the marker file names its kind; an output written
+# before the marker existed is recognised by these files (all present).
+OUTPUT_KINDS: dict[str, tuple[str, ...]] = {
+    "shards": ("manifest.json", "panel.txt"),  # scbert ingest
+    "checkpoint": ("config.json", "model.safetensors"),  # save_pretrained, pretrain/finetune --out
+    "explanation": ("top_genes.csv", "top_genes.gmt"),  # scbert explain
+}
+MARKER = ".scbert-output.json"
+MARKER_VERSION = 1
+
+
+class OutputError(ValueError):
+    """An output path that would destroy something this project did not write."""
+
+
+def _describe_protected(path: Path, inputs: Sequence[str | Path]) -> str | None:
+    """Why ``path`` may never be replaced, even with overwrite, or None."""
+    here = Path.cwd().resolve()
+    if path == Path(path.anchor):
+        return "it is the root of the file system"
+    if path == Path.home().resolve():
+        return "it is your home directory"
+    if path == here:
+        return "it is the current directory"
+    if path in here.parents:
+        return "it holds the current directory"
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if path == source or path in source.parents:
+            return f"it holds the input {given}"
+    return None
+
+
+def output_kind(path: str | Path) -> str | None:
+    """The kind of output this project wrote at ``path`` (its marker, or the files of a kind
+    written before the marker existed), or None."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        return str(marker["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for kind, files in OUTPUT_KINDS.items():
+        if all((path / name).is_file() for name in files):
+            return kind
+    return None
+
+
+def check_output(
+    target: str | Path, *, kind: str, overwrite: bool = False, inputs: Sequence[str | Path] = ()
+) -> None:
+    """Refuse an output directory that holds anything this project did not write as ``kind``.
+
+    Replaced freely: an absent path, an empty directory, an earlier output of the same kind.
+    With ``overwrite``: anything else, except the root, the home directory, the current
+    directory or one of its parents, and the inputs or a directory holding one of them, which
+    are never replaced.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}: one of {sorted(OUTPUT_KINDS)}")
+    given = Path(target).expanduser()
+    for path in {given.resolve(), Path(os.path.abspath(given))}:
+        reason = _describe_protected(path, inputs)
+        if reason is not None:
+            raise OutputError(f"refusing to replace {target}: {reason}; choose another output")
+    if not given.exists() and not given.is_symlink():
+        return
+    if given.is_symlink() or not given.is_dir():
+        what = "a symbolic link" if given.is_symlink() else "a file"
+    else:
+        entries = sorted(p.name for p in given.iterdir())
+        found = output_kind(given)
+        if not entries or found == kind:
+            return
+        what = (
+            f"scBERT {found}, not {kind}"
+            if found
+            else f"{len(entries)} entries this project did not write (e.g. {entries[0]})"
+        )
+    if not overwrite:
+        raise OutputError(
+            f"{target} exists and holds {what}: choose another output, or add --overwrite "
+            "(overwrite=True) to replace it"
+        )
+
+
 @contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> Iterator[Path]:
     """Yield a staging directory beside ``target``; on success it replaces ``target``.
 
-    The staging directory follows the umask (mkdtemp would make it 0700). On any exception,
-    KeyboardInterrupt included, it is removed and ``target`` is left as it was.
+    ``target`` must be replaceable (``check_output``: checked before and again at the commit);
+    the new directory gets a marker file naming its ``kind``, so that the next write recognises
+    it as ours. The staging directory follows the umask (mkdtemp would make it 0700). On any
+    exception, KeyboardInterrupt included, it is removed and ``target`` is left as it was.
     """
     target = Path(target)
+    check_output(target, kind=kind, overwrite=overwrite, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         staging.chmod(0o777 & ~_umask())
         yield staging
         _refuse_if_interrupted()
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        marker = {"kind": kind, "format_version": MARKER_VERSION}
+        (staging / MARKER).write_text(json.dumps(marker) + "\n")
+        check_output(target, kind=kind, overwrite=overwrite, inputs=inputs)
+        if target.exists() or target.is_symlink():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
             os.replace(target, old)
             os.replace(staging, target)
-            shutil.rmtree(old)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def copy_directory(
+    source: str | Path,
+    target: str | Path,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> Path:
+    """Copy the directory ``source`` to ``target`` atomically, under ``atomic_directory``'s rule."""
+    with atomic_directory(target, kind=kind, overwrite=overwrite, inputs=inputs) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    return Path(target)
 
 
 @contextmanager
@@ -84,6 +199,8 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     creates follows the umask. On any exception it is removed and ``target`` is left as it was.
     """
     target = Path(target)
+    if target.is_dir():
+        raise OutputError(f"{target} is a directory: give the path of a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:

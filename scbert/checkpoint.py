@@ -188,8 +188,11 @@ def save_pretrained(
     *,
     panel: Sequence[str],
     labels: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write our checkpoint directory atomically (a crash leaves any previous one intact)."""
+    """Write our checkpoint directory atomically (a crash leaves any previous one intact).
+    ``directory`` may be absent, empty or an earlier checkpoint; anything else is refused
+    unless ``overwrite`` (``scbert.atomic.check_output``)."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -202,7 +205,7 @@ def save_pretrained(
     if config.n_classes is None and labels is not None:
         raise ValueError("labels given for a pretraining model (config.n_classes is None)")
     directory = Path(directory)
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, kind="checkpoint", overwrite=overwrite) as staging:
         meta = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
         (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

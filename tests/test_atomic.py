@@ -24,10 +24,13 @@ def noted() -> Iterator[None]:
 
 def test_a_swallowed_ctrl_c_still_refuses_the_commit(tmp_path: Path, noted: None) -> None:
     target = tmp_path / "out"
-    with atomic.atomic_directory(target) as staging:
+    with atomic.atomic_directory(target, kind="shards") as staging:
         (staging / "a").write_text("first")
     assert not atomic.interrupted()
-    with pytest.raises(KeyboardInterrupt), atomic.atomic_directory(target) as staging:
+    with (
+        pytest.raises(KeyboardInterrupt),
+        atomic.atomic_directory(target, kind="shards") as staging,
+    ):
         (staging / "a").write_text("second")
         with contextlib.suppress(KeyboardInterrupt):  # a library that catches everything
             os.kill(os.getpid(), signal.SIGINT)

@@ -20,6 +20,7 @@ from scbert import (
     load_pretrained,
     save_pretrained,
 )
+from scbert.atomic import MARKER
 
 N_GENES = 24
 PANEL = [f"GENE{i}" for i in range(N_GENES)]
@@ -47,7 +48,7 @@ def test_classifier_round_trip(tmp_path: Path) -> None:
     directory = save_pretrained(model, tmp_path / "ckpt", panel=PANEL, labels=LABELS)
     assert directory == tmp_path / "ckpt"
     files = sorted(p.name for p in directory.iterdir())
-    assert files == ["config.json", "labels.json", "model.safetensors", "panel.txt"]
+    assert files == [MARKER, "config.json", "labels.json", "model.safetensors", "panel.txt"]
     bundle = load_pretrained(directory)
     assert bundle.panel == PANEL
     assert bundle.labels == LABELS
@@ -63,7 +64,7 @@ def test_pretraining_model_round_trip(tmp_path: Path) -> None:
     model = pretraining_model()
     directory = save_pretrained(model, tmp_path / "ckpt", panel=PANEL)
     files = sorted(p.name for p in directory.iterdir())
-    assert files == ["config.json", "model.safetensors", "panel.txt"]
+    assert files == [MARKER, "config.json", "model.safetensors", "panel.txt"]
     bundle = load_pretrained(directory)
     assert bundle.labels is None
     assert bundle.panel == PANEL
