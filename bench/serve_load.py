@@ -52,35 +52,34 @@ def percentiles(latencies: list[float]) -> tuple[float, float, float]:
 def http_load(
     url: str, payloads: list[bytes], size: int, concurrency: int, seconds: float, max_requests: int
 ) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` clients, each sending its next request when one returns."""
-    import requests
+    """Closed loop: ``concurrency`` clients, each sending its next request when one returns
+    (``scbert_serve.client``: a 503 or a dropped connection is retried, and counted)."""
+    from scbert_serve.client import Client, ServiceUnavailable
 
+    service = Client(url, deadline_s=60)
     latencies: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def client(offset: int) -> None:
-        session = requests.Session()
         i = offset
         while time.monotonic() < deadline:
             with lock:
                 if len(latencies) + len(failures) >= max_requests:
                     return
             start = time.perf_counter()
-            r = session.post(
-                f"{url}/v1/annotate",
-                data=payloads[i % len(payloads)],
-                headers={"Content-Type": "application/json"},
-                timeout=120,
-            )
+            try:
+                status = service.post(
+                    "/v1/annotate",
+                    data=payloads[i % len(payloads)],
+                    headers={"Content-Type": "application/json"},
+                ).status_code
+            except ServiceUnavailable:
+                status = 0
             elapsed = time.perf_counter() - start
             with lock:
-                (
-                    latencies.append(elapsed)
-                    if r.status_code == 200
-                    else failures.append(r.status_code)
-                )
+                latencies.append(elapsed) if status == 200 else failures.append(status)
             i += concurrency
 
     start = time.perf_counter()
@@ -96,6 +95,7 @@ def http_load(
         "concurrency": concurrency,
         "requests": len(latencies),
         "failed": len(failures),
+        "retried": service.log.retries,
         "p50_ms": p50,
         "p95_ms": p95,
         "p99_ms": p99,
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"HTTP {size:>4} cells/request, {concurrency} clients: "
                     f"p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, "
                     f"p99 {row['p99_ms']:.1f} ms, {row['requests_per_s']:.1f} req/s, "
-                    f"{row['cells_per_s']:.0f} cells/s ({row['failed']} failed)",
+                    f"{row['cells_per_s']:.0f} cells/s ({row['failed']} failed, "
+                    f"{row['retried']} retried)",
                     flush=True,
                 )
         serve.shutdown()  # the in-process run gets the machine to itself

@@ -32,6 +32,9 @@ from typing import Any
 
 LOOPBACK = "127.0.0.1"
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray Serve's proxy reads its middlewares' import path from its environment when it starts
+# (scbert_serve/proxy.py: a request whose replica died gets 503 + Retry-After, not a bare 500)
+SERVE_PROXY_ENV = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "scbert_serve.proxy:middlewares")
 _session_logs: Path | None = None  # the log folder of the Ray that start_ray last joined
 _started: bool = False  # whether start_ray started that Ray (rather than joined one)
 
@@ -107,6 +110,8 @@ def start_ray(**init: Any) -> float:
             # count, and on a laptop a sweep's Tune, Train and Data actors pass 4x 2 CPUs by
             # design; 8 workers may start at once instead of 2, which is not a problem here.
             init.setdefault("_system_config", {"worker_maximum_startup_concurrency": 8})
+            # the raylet, hence Serve's proxy, inherits this process's environment
+            os.environ.setdefault(*SERVE_PROXY_ENV)
         init.setdefault("log_to_driver", verbose())
         global _started
         _started = local

@@ -237,14 +237,13 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     over HTTP (sparse JSON, 100 cells a request), printing accuracy against the expert labels:
     over all cells, and over the fold the champion never saw (it is one CV fold's model).
     Returns the endpoint's answer in one line."""
-    import requests
-
     from scbert_platform.cluster import start_ray
     from scbert_platform.loader import ShardInfo
     from scbert_platform.params import Params
     from scbert_platform.pyfunc import shard_counts
     from scbert_platform.tracking import registry_client
     from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run, stop
+    from scbert_serve.client import Client
     from scbert_serve.schema import sparse_cells
 
     params = Params.load(params_file).serve
@@ -259,29 +258,24 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
         f"serving {name} version {source.version} (champion) at {url} "
         f"(started in {time.perf_counter() - started:.0f} s); docs at {url}/docs"
     )
-    headers = (
-        {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if TOKEN_ENV in os.environ else {}
-    )
+    client = Client(url, token=os.environ.get(TOKEN_ENV))  # retries a lost replica's 503
     counts, obs = shard_counts(cells_dir, ShardInfo.read(cells_dir).panel)
     predicted: list[str] = []
     top1: list[str] = []
     started = time.perf_counter()
     try:
-        info = requests.get(f"{url}/v1/model", headers=headers, timeout=30).json()
+        info = client.model()
         print(
             f"GET /v1/model: {info['name']} v{info['version']}, {len(info['classes'])} classes, "
             f"panel of {info['panel_size']} genes (sha256 {info['panel_sha256'][:12]}...)"
         )
         for start in range(0, len(counts), 100):
             cells = sparse_cells(counts.iloc[start : start + 100])
-            reply = requests.post(
-                f"{url}/v1/annotate", json={"cells": cells}, headers=headers, timeout=120
-            )
-            reply.raise_for_status()
-            predicted += [cell["cell_type"] for cell in reply.json()["cells"]]
-            top1 += [cell["top_k"][0]["cell_type"] for cell in reply.json()["cells"]]
+            reply = client.annotate(cells=cells)
+            predicted += [cell["cell_type"] for cell in reply["cells"]]
+            top1 += [cell["top_k"][0]["cell_type"] for cell in reply["cells"]]
         elapsed = time.perf_counter() - started
-        coverage = reply.json()["coverage"]
+        coverage = reply["coverage"]
     finally:
         stop()
     truth = obs["label"].to_numpy()
