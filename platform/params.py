@@ -130,6 +130,12 @@ class ServeParams:
     model_batch_cells: int = 64  # cells per forward pass (CPU: 32-64 fastest here; GPU: ~1024)
     max_cells_per_request: int = 5000  # more gets 413
     max_body_mb: float = 64.0  # larger bodies get 413
+    max_genes: int = 100_000  # genes (columns) in one request; more gets 413
+    # An .h5ad's X and names as decoded in memory; more gets 413 (checked before anything is
+    # read). 512: a dense float32 X of 5,000 cells (max_cells_per_request) x 25,000 genes, or a
+    # CSR X of ~45 M non-zeros. A replica parses one body at a time, at a small multiple of this
+    # (tests/test_h5ad_body.py), far inside a serving pod's memory (infra/kuberay: 24 GiB).
+    max_decoded_mb: float = 512.0
     threshold: float = 0.5  # default Unassigned threshold (paper: 0.5)
     top_k: int = 3  # default length of each cell's top_k list
     metrics_port: int = 8080  # Prometheus: Ray's metrics export port on every node

@@ -19,11 +19,12 @@ Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model
 
 import asyncio
 import hmac
+import io
 import itertools
 import json
 import logging
 import os
-import tempfile
+import re
 import time
 from dataclasses import asdict
 from typing import Any
@@ -37,13 +38,18 @@ from ray import serve
 
 from scbert_platform.models import ModelSource, load_model, resolve_model
 from scbert_platform.params import Params, ServeParams
+from scbert_serve.h5ad_body import read_h5ad
 from scbert_serve.schema import (
+    MAX_JSON_DEPTH,
     AnnotateRequest,
     AnnotateResponse,
+    BodyLimits,
     ErrorResponse,
     ModelInfo,
     Options,
     RequestError,
+    check_json_sizes,
+    json_depth,
 )
 
 APP_NAME = "scbert"
@@ -51,6 +57,7 @@ LOG = logging.getLogger("ray.serve")
 TOKEN_ENV = "SCBERT_API_TOKEN"
 JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to spell half a UTF-16 pair
 
 
 def error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
@@ -89,9 +96,9 @@ api = _Api(
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
-        (400, "malformed body"),
+        (400, "malformed body: not JSON / HDF5, not UTF-8, or nested too deep"),
         (401, "missing or wrong bearer token"),
-        (413, "too many cells or too large a body"),
+        (413, "too many cells or genes, too large a body, or an .h5ad that decodes too large"),
         (415, "unsupported content type"),
         (422, "a field is invalid; the message names it"),
     ]
@@ -259,6 +266,9 @@ class AnnotatorReplica:
             top_k=self.settings.top_k,
             max_cells_per_request=self.settings.max_cells_per_request,
             max_body_bytes=self._max_body(),
+            max_genes=self.settings.max_genes,
+            max_decoded_bytes=self._limits().max_decoded_bytes,
+            max_json_depth=MAX_JSON_DEPTH,
             device=str(self.device),
         )
         return JSONResponse(info.model_dump())
@@ -303,52 +313,45 @@ class AnnotatorReplica:
             counts, genes, ids = self._parse_h5ad(body)
         return JSONResponse(await self._predict(counts, genes, ids, options))
 
+    def _limits(self) -> BodyLimits:
+        return BodyLimits.of(self.settings)
+
     def _parse_json(self, body: bytes) -> AnnotateRequest:
+        """The body's depth measured before it is parsed, its sizes before it is validated
+        (strictly: no booleans or strings for numbers)."""
         if not body.strip():
             raise RequestError(400, "empty_body", "the body is empty: send a JSON object")
-        try:
-            raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
+        depth = json_depth(body)
+        if depth > MAX_JSON_DEPTH:
             raise RequestError(
-                400, "malformed_json", f"the body is not valid JSON: {err}"
+                400,
+                "too_deep",
+                f"the JSON body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH} "
+                "(a request needs 4)",
+            )
+        try:
+            raw = json.loads(body.decode("utf-8-sig"))
+            if SURROGATE_ESCAPE.search(body):  # a lone half would fail to encode the answer
+                json.dumps(raw, ensure_ascii=False).encode()
+        except (ValueError, UnicodeError) as err:
+            raise RequestError(
+                400, "malformed_json", f"the body is not valid JSON (UTF-8): {err}"
             ) from None
-        if isinstance(raw, dict):
-            n_cells = raw.get("cells", raw.get("matrix"))
-            if isinstance(n_cells, list):
-                self._check_cell_count(len(n_cells))
-        return AnnotateRequest.model_validate(raw)
+        check_json_sizes(raw, self._limits())
+        return AnnotateRequest.model_validate(raw, strict=True)
 
     def _check_cell_count(self, n_cells: int) -> None:
-        if n_cells == 0:
-            raise RequestError(422, "no_cells", "the request has no cells")
-        if n_cells > self.settings.max_cells_per_request:
-            raise RequestError(
-                413,
-                "too_many_cells",
-                f"{n_cells} cells in one request; the limit is "
-                f"{self.settings.max_cells_per_request}: split the request",
-            )
+        self._limits().check_cells(n_cells)
 
     def _parse_h5ad(self, body: bytes) -> tuple[Any, list[str], list[str]]:
-        import anndata
-
-        with tempfile.NamedTemporaryFile(suffix=".h5ad") as handle:
-            handle.write(body)
-            handle.flush()
-            try:
-                adata = anndata.read_h5ad(handle.name)
-            except Exception as err:
-                raise RequestError(
-                    400, "malformed_h5ad", f"the body is not a readable .h5ad file: {err}"
-                ) from None
-        self._check_cell_count(adata.n_obs)
-        genes = [str(g) for g in adata.var_names]
+        """X and the obs / var names, read only after the body's declared structure passed
+        the limits (``scbert_serve.h5ad_body``)."""
+        counts, genes, ids = read_h5ad(io.BytesIO(body), self._limits())
         if len(set(genes)) != len(genes):
             raise RequestError(422, "duplicated_genes", "the .h5ad has duplicated var_names")
-        ids = [str(c) for c in adata.obs_names]
         if len(set(ids)) != len(ids):
             raise RequestError(422, "duplicated_ids", "the .h5ad has duplicated obs_names")
-        return adata.X, genes, ids
+        return counts, genes, ids
 
     async def _predict(
         self, counts: Any, genes: list[str], ids: list[str], options: Options

@@ -8,28 +8,147 @@ Two JSON layouts, exactly one per request:
   optional: ``cell-0``, ``cell-1``, ... otherwise)
 
 plus the options ``threshold``, ``top_k`` and ``return_embedding``. Unknown fields are refused
-(a misspelt option must not be ignored silently). Counts are raw: finite, >= 0, integers;
-that rule, the panel alignment and the normalisation are ingest's own functions
-(``scbert_platform.pyfunc.aligned_counts``).
+(a misspelt option must not be ignored silently), and so are values of another JSON type (a
+body is validated strictly: ``true`` is not a count of 1, ``"3"`` is not 3). Counts are raw:
+finite, >= 0, integers; that rule, the panel alignment and the normalisation are ingest's own
+functions (``scbert_platform.pyfunc.aligned_counts``).
+
+Before a body is parsed its nesting depth is measured on its bytes (``json_depth``); before it
+is validated the cells and genes it declares are held to ``BodyLimits``
+(``check_json_sizes``), so that neither Python's stack nor the validator's copies of its lists
+are spent on a body that is refused anyway.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Count = Annotated[float, Field(allow_inf_nan=False, ge=0)]
-Gene = Annotated[str, Field(min_length=1, max_length=200)]
+if TYPE_CHECKING:
+    from scbert_platform.params import ServeParams
+
+# A request nests 4 levels ({"cells": [{"counts": [...]}]}); json.loads recurses once per level
+# and 50,000 of them exhaust Python's stack.
+MAX_JSON_DEPTH = 32
+MAX_NAME_LENGTH = 200  # characters of a gene name or a cell id
+
+Count = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+Gene = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+CellId = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 
 class RequestError(ValueError):
     """A request the API refuses: ``status`` (4xx), ``code`` and a message naming the problem."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
+        # names from a client's file can hold lone surrogates (h5py's surrogateescape), which
+        # the UTF-8 answer could not encode
+        message = message.encode("utf-8", "backslashreplace").decode()
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """What one request may ask for (the ``serve`` params); each refusal names the parameter."""
+
+    max_cells: int
+    max_genes: int
+    max_decoded_bytes: int
+
+    @classmethod
+    def of(cls, serve: ServeParams) -> BodyLimits:
+        return cls(
+            max_cells=serve.max_cells_per_request,
+            max_genes=serve.max_genes,
+            max_decoded_bytes=int(serve.max_decoded_mb * 2**20),
+        )
+
+    def check_cells(self, n_cells: int) -> None:
+        if n_cells == 0:
+            raise RequestError(422, "no_cells", "the request has no cells")
+        if n_cells > self.max_cells:
+            raise RequestError(
+                413,
+                "too_many_cells",
+                f"{n_cells} cells in one request; the limit is serve.max_cells_per_request = "
+                f"{self.max_cells}: split the request",
+            )
+
+    def check_genes(self, n_genes: int) -> None:
+        if n_genes > self.max_genes:
+            raise RequestError(
+                413,
+                "too_many_genes",
+                f"{n_genes} genes in one request; the limit is serve.max_genes = "
+                f"{self.max_genes}: leave out genes outside the model's panel",
+            )
+
+    def check_decoded(self, n_bytes: int, what: str) -> None:
+        if n_bytes > self.max_decoded_bytes:
+            raise RequestError(
+                413,
+                "too_large_decoded",
+                f"{what} decode to {n_bytes / 2**20:.1f} MiB; the limit is serve.max_decoded_mb "
+                f"= {self.max_decoded_bytes / 2**20:g}: split the cells over several requests, "
+                "or send X as a sparse csr_matrix",
+            )
+
+
+# A JSON string (its closing quote optional, so that an unterminated one cannot make the regex
+# try again from every later quote), and every byte but the four brackets.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects in a UTF-8 JSON text, from its bytes outside
+    strings. Where the text is not valid JSON, ``json.loads`` stops at the first error, and
+    up to there this count is its own."""
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
+    depth = deepest = 0
+    for start in range(0, len(brackets), 2**20):  # int64 running depth of 1 Mi brackets at once
+        chunk = brackets[start : start + 2**20]
+        running = depth + np.cumsum(np.where((chunk == ord("[")) | (chunk == ord("{")), 1, -1))
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
+def check_json_sizes(raw: Any, limits: BodyLimits) -> None:
+    """The cells and genes a parsed body declares (its lists' lengths, and the distinct gene
+    names across its cells) within ``limits``; anything not shaped like a request is left to
+    validation."""
+    if not isinstance(raw, dict):
+        return
+    rows = [raw.get(key) for key in ("cells", "matrix", "ids")]
+    n_cells = [len(row) for row in rows if isinstance(row, list)]
+    if n_cells:
+        limits.check_cells(max(n_cells))
+    gene_lists, value_lists = [raw.get("genes")], list(_list(raw.get("matrix")))
+    for cell in _list(raw.get("cells")):
+        if isinstance(cell, dict):
+            counts = cell.get("counts")
+            gene_lists.append(cell.get("genes") if not isinstance(counts, dict) else counts)
+            value_lists.append(counts)
+    longest = max(
+        (len(v) for v in gene_lists + value_lists if isinstance(v, list | dict)), default=0
+    )
+    names = {
+        g
+        for genes in gene_lists
+        if isinstance(genes, list | dict)
+        for g in genes
+        if isinstance(g, str)
+    }
+    limits.check_genes(max(longest, len(names)))
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 class Options(BaseModel):
@@ -45,7 +164,7 @@ class Options(BaseModel):
 class SparseCell(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=200)
+    id: CellId
     genes: list[Gene] = Field(description="gene symbols of the non-zero counts")
     counts: list[Count] = Field(
         description="raw counts, one per gene; or a map gene -> count (then no 'genes')"
@@ -78,7 +197,7 @@ class AnnotateRequest(Options):
     cells: list[SparseCell] | None = None
     genes: list[Gene] | None = None
     matrix: list[list[Count]] | None = None
-    ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+    ids: list[CellId] | None = None
 
     @model_validator(mode="after")
     def _one_layout(self) -> AnnotateRequest:
@@ -188,6 +307,9 @@ class ModelInfo(BaseModel):
     top_k: int
     max_cells_per_request: int
     max_body_bytes: int
+    max_genes: int
+    max_decoded_bytes: int
+    max_json_depth: int
     device: str
 
 

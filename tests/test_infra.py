@@ -296,6 +296,41 @@ def test_serve_replicas_fit_the_worker_groups() -> None:
     assert capacity >= serve.max_replicas, "the autoscaler cannot place max_replicas replicas"
 
 
+def test_production_keeps_two_replicas_and_answers_a_lost_one_with_503() -> None:
+    """One replica lost (a node, the OOM killer) and another serves meanwhile; the proxies on
+    every node carry the middleware that turns the lost request into 503 + Retry-After."""
+    from scbert_platform.cluster import SERVE_PROXY_ENV
+
+    serve = Params.from_dict({"serve": serve_args()}).serve
+    spec = cluster_spec(kuberay_manifests()["RayService"])
+    assert serve.min_replicas >= 2
+    gpu_workers = sum(g["minReplicas"] for g in spec["workerGroupSpecs"])
+    assert gpu_workers >= serve.min_replicas  # one GPU replica per worker
+    for name, group in groups(spec):
+        env = env_of(ray_container(group))
+        assert env[SERVE_PROXY_ENV[0]]["value"] == SERVE_PROXY_ENV[1], name
+
+
+def test_request_limits_are_written_out_and_fit_a_worker_pod() -> None:
+    """The cluster serves with explicit request limits (the same as params.yaml's), and a worker
+    pod holds its replicas at their worst: bodies of max_body_mb buffered for every request in
+    flight, plus one .h5ad being parsed at a few times max_decoded_mb (parsing peaks at ~2x its
+    decoded size: tests/test_h5ad_body.py)."""
+    args = serve_args()
+    limits = ("max_cells_per_request", "max_genes", "max_body_mb", "max_decoded_mb")
+    repo = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["serve"]
+    assert {key: args[key] for key in limits} == {key: repo[key] for key in limits}
+    serve = Params.from_dict({"serve": args}).serve
+    worst = serve.max_ongoing_requests * serve.max_body_mb + 4 * serve.max_decoded_mb
+    for group in cluster_spec(kuberay_manifests()["RayService"])["workerGroupSpecs"]:
+        resources = ray_container(group)["resources"]["limits"]
+        per_node = min(
+            quantity(resources.get(GPU, 0)) // serve.replica_gpus,
+            quantity(resources["cpu"]) // serve.replica_cpus,
+        )
+        assert quantity(resources["memory"]) >= per_node * worst * 2**20, group["groupName"]
+
+
 @pytest.mark.parametrize("kind", KUBERAY_KINDS)
 def test_every_node_exports_metrics_on_8080(kind: str) -> None:
     for name, group in groups(cluster_spec(kuberay_manifests()[kind])):

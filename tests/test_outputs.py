@@ -137,12 +137,7 @@ def test_ingest_out_refuses_foreign_files_and_replaces_its_own(
     assert refused.stderr.startswith("scbert ingest: error: my_notes exists and holds 2 entries")
     assert "--overwrite" in refused.stderr and "ingest" not in refused.stdout
     assert survived(notes)
-    for out in (".", "~", str(Path(pbmc_h5ad).parent)):
-        refused = scbert_cli(
-            tmp_path, "ingest", str(pbmc_h5ad), "--out", out, "--overwrite", *params
-        )
-        assert refused.returncode == 2 and "refusing to replace" in refused.stderr, refused.stderr
-
+    # the root, home and current directories and the input's folder: unit-tested above
     first = scbert_cli(tmp_path, "ingest", str(pbmc_h5ad), "--out", "cells", *params)
     assert first.returncode == 0, first.stderr
     written = (tmp_path / "cells" / "manifest.json").stat().st_mtime_ns

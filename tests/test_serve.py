@@ -8,8 +8,11 @@ file order, the swap last. Every client is bounded in requests and time.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -89,6 +92,8 @@ def service(
             replica_cpus=0.5,
             max_cells_per_request=200,
             max_body_mb=2.0,
+            max_genes=1000,  # the panel has 765
+            max_decoded_mb=2.0,  # 200 x 765 float32 .h5ad with its chunk buffer: 1.3 MiB
         )
         url = run(params)  # forwards SCBERT_API_TOKEN to the replicas
         counts, obs = shard_counts(pbmc_shards, info.panel, n_cells=200)
@@ -179,6 +184,8 @@ def test_model_health_and_openapi(service: Service) -> None:
     assert (info["name"], info["version"], info["alias"]) == (MODEL, "1", "champion")
     assert info["panel_size"] == 765 and len(info["panel_sha256"]) == 64
     assert len(info["classes"]) == 10 and info["config"]["n_genes"] == 765
+    limits = ("max_cells_per_request", "max_genes", "max_decoded_bytes", "max_json_depth")
+    assert [info[key] for key in limits] == [200, 1000, 2 * 2**20, 32]
     assert requests.get(f"{service.url}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{service.url}/readyz", timeout=10).json()["status"] == "ready"
     schema = requests.get(f"{service.url}/openapi.json", timeout=10).json()
@@ -240,8 +247,69 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "unknown cell field": ({"cells": [{**cell(), "tissue": "blood"}]}, 422, "tissue"),
     "threshold out of range": ({"cells": [cell()], "threshold": 2}, 422, "threshold"),
     "ragged matrix": ({"genes": ["CD3E", "MS4A1"], "matrix": [[1, 2], [3]]}, 422, "row 1 has 1"),
-    "too many cells": ({"cells": [cell(cell_id=f"c{i}") for i in range(201)]}, 413, "limit is 200"),
+    "too many cells": (
+        {"cells": [cell(cell_id=f"c{i}") for i in range(201)]},
+        413,
+        "201 cells in one request; the limit is serve.max_cells_per_request = 200",
+    ),
     "body too large": (b"{" + b" " * (3 * 2**20) + b"}", 413, "over"),
+    "nested 50,000 deep": (b"[" * 50_000, 400, "nests 50000 levels deep; the limit is 32"),
+    "nested objects": (b'{"cells":' * 40 + b"1" + b"}" * 40, 400, "the limit is 32"),
+    "not UTF-8": (b'{"cells": [{"id": "\xff"}]}', 400, "not valid JSON (UTF-8)"),
+    "lone surrogate": (b'{"cells": [], "\\ud800": 1}', 400, "surrogates not allowed"),
+    "boolean count": (
+        {"cells": [cell(genes=["CD3E", "MS4A1"], counts=[True, 2])]},
+        422,
+        "cells.0.counts.0: Input should be a valid number",
+    ),
+    "count as text": ({"cells": [cell(counts=["3"])]}, 422, "cells.0.counts.0: Input should be"),
+    "boolean in a counts map": (
+        {"cells": [{"id": "c", "counts": {"CD3E": True}}]},
+        422,
+        "cells.0.counts.0: Input should be a valid number",
+    ),
+    "boolean in the matrix": (
+        {"genes": ["CD3E"], "matrix": [[False]]},
+        422,
+        "matrix.0.0: Input should be a valid number",
+    ),
+    "number as id": (
+        {"cells": [cell(cell_id=7)]},
+        422,
+        "cells.0.id: Input should be a valid string",
+    ),
+    "ids of numbers": (
+        {"genes": ["CD3E"], "matrix": [[1]], "ids": [1]},
+        422,
+        "ids.0: Input should be a valid string",
+    ),
+    "threshold true": ({"cells": [cell()], "threshold": True}, 422, "threshold: Input should be"),
+    "top_k as text": ({"cells": [cell()], "top_k": "3"}, 422, "top_k: Input should be"),
+    "gene name too long": (
+        {"cells": [cell(genes=["G" * 201])]},
+        422,
+        "cells.0.genes.0: String should have at most 200 characters",
+    ),
+    "too many genes in a cell": (
+        {"cells": [cell(genes=[f"G{i}" for i in range(1001)], counts=[1] * 1001)]},
+        413,
+        "1001 genes in one request; the limit is serve.max_genes = 1000",
+    ),
+    "too many genes across cells": (
+        {
+            "cells": [
+                cell(genes=[f"G{i}" for i in range(k, k + 600)], counts=[1] * 600, cell_id=f"c{k}")
+                for k in (0, 600)
+            ]
+        },
+        413,
+        "serve.max_genes = 1000",
+    ),
+    "too many matrix columns": (
+        {"genes": ["CD3E"], "matrix": [[1] * 1001]},
+        413,
+        "1001 genes in one request; the limit is serve.max_genes = 1000",
+    ),
 }
 
 
@@ -268,9 +336,80 @@ def test_other_content_types_and_broken_h5ad_are_refused_and_the_replica_keeps_s
     assert service.post(service.sparse(slice(0, 5))).status_code == 200
 
 
+def test_brackets_inside_strings_are_not_nesting(service: Service) -> None:
+    body = service.sparse(slice(0, 2))
+    body["cells"][0]["id"] = "[{" * 100
+    r = service.post(body)
+    assert r.status_code == 200, r.text
+    assert r.json()["cells"][0]["id"] == "[{" * 100
+
+
+def crafted_h5ad_cases() -> dict[str, tuple[Any, int, str, str]]:
+    """.h5ad bodies that declare more than the service's limits (max_cells_per_request 200,
+    max_genes 1000, max_decoded_mb 2), or what it never reads: (body, status, code, fragment)."""
+    from test_h5ad_body import HUGE_DENSE, Crafted
+
+    return {
+        "5000 x 200000 dense X": (HUGE_DENSE, 413, "too_many_cells", "5000 cells"),
+        "too many genes": (
+            Crafted(n_cells=10, n_genes=200_000, written=False),
+            413,
+            "too_many_genes",
+            "200000 genes in one request; the limit is serve.max_genes = 1000",
+        ),
+        "dense X decoding over the limit": (
+            Crafted(n_cells=200, n_genes=1000, dtype="float64", chunks=(200, 1000), written=False),
+            413,
+            "too_large_decoded",
+            "the limit is serve.max_decoded_mb = 2",
+        ),
+        "huge sparse nnz": (
+            Crafted(
+                n_cells=200,
+                n_genes=1000,
+                encoding="csr_matrix",
+                dtype="float64",
+                nnz=200_000,
+                written=False,
+            ),
+            413,
+            "too_large_decoded",
+            "X (csr_matrix of 200 x 1000)",
+        ),
+        "external link": (
+            Crafted(edits=("X external link",)),
+            422,
+            "unsupported_h5ad",
+            "external link",
+        ),
+        "virtual dataset": (Crafted(edits=("X virtual",)), 422, "unsupported_h5ad", "virtual"),
+        "string X": (Crafted(dtype="str"), 422, "unsupported_h5ad", "X holds text"),
+        "no X": (Crafted(edits=("drop X",)), 422, "invalid_h5ad", "no 'X'"),
+        "no var": (Crafted(edits=("drop var",)), 422, "invalid_h5ad", "no 'var' (the gene names)"),
+        "indices out of range": (
+            Crafted(encoding="csr_matrix", edits=("X indices out of range",)),
+            422,
+            "invalid_h5ad",
+            "could not be read",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(crafted_h5ad_cases()))
+def test_crafted_h5ad_bodies_get_a_4xx_naming_the_limit(service: Service, case: str) -> None:
+    crafted, status, code, fragment = crafted_h5ad_cases()[case]
+    body = crafted.body()
+    assert len(body) < 2**20  # a small body, whatever it declares
+    r = service.post(data=body, headers={"Content-Type": "application/x-hdf5"})
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert fragment in r.json()["error"]["message"], r.text
+    assert service.post(service.sparse(slice(0, 2))).status_code == 200
+
+
 def test_fuzzed_requests_never_get_a_5xx(service: Service) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
+    from test_h5ad_body import crafted_bodies
 
     genes = [*service.counts.columns[:30], "", "NOT-A-GENE", "cd3e"]
     scalars = st.one_of(
@@ -334,28 +473,101 @@ def test_fuzzed_requests_never_get_a_5xx(service: Service) -> None:
         },
         optional=options,
     )
-    bodies = st.one_of(well_formed, sparse, dense, anything)
-    seen: list[int] = []
-
-    @settings(
-        max_examples=150,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-        database=None,
+    as_json = st.one_of(well_formed, sparse, dense, anything).map(
+        lambda body: ("application/json", json.dumps(body, allow_nan=True).encode())
     )
-    @given(bodies)
-    def check(body: Any) -> None:
-        data = json.dumps(body, allow_nan=True).encode()
-        r = service.post(data=data, headers={"Content-Type": "application/json"})
-        seen.append(r.status_code)
-        assert r.status_code < 500, (body, r.text)
-        if r.status_code != 200:
-            assert r.json()["error"]["message"], r.text
+    crafted = crafted_bodies(tuple(service.counts.columns), max_cells=40).map(
+        lambda case: ("application/x-hdf5", case.body())
+    )
+    stop_at = time.monotonic() + 300  # a cap on the whole run: later examples are not sent
 
-    check()
-    assert len(seen) == 150 and 200 in seen and 422 in seen
+    def fuzz(bodies: Any, max_examples: int) -> set[int]:
+        seen: list[int] = []
+
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        @given(bodies)
+        def check(body: tuple[str, bytes]) -> None:
+            if time.monotonic() > stop_at:
+                return
+            kind, data = body
+            r = service.post(data=data, headers={"Content-Type": kind})
+            seen.append(r.status_code)
+            assert r.status_code < 500, (kind, data[:300], r.text)
+            if r.status_code != 200:
+                assert r.json()["error"]["message"], r.text
+
+        check()
+        assert 0 < len(seen) <= max_examples
+        return set(seen)
+
+    assert {200, 422} <= fuzz(as_json, 150)
+    assert {200, 400, 422} <= fuzz(nested_json(), 40)
+    assert {200, 400, 413, 422} <= fuzz(oversized_json(), 40)
+    assert {200, 400, 413, 422} <= fuzz(crafted, 80)
     assert service.post(service.sparse(slice(0, 5))).status_code == 200
+
+
+CLOSERS = {b"[": b"]", b'{"a":': b"}", b'{"cells":[': b"]}", b'[{"id":': b"}]"}
+
+
+def nested_json() -> Any:
+    """JSON bodies nested up to 60,000 levels (closed or not), or the same brackets inside a
+    string (a well-formed request)."""
+    from hypothesis import strategies as st
+
+    def body(opener: bytes, depth: int, closed: bool, quoted: bool) -> tuple[str, bytes]:
+        nest = opener * depth + (b"1" + CLOSERS[opener] * depth if closed else b"")
+        if quoted:
+            text = json.dumps(nest.decode()).encode()
+            nest = b'{"cells": [{"id": ' + text + b', "genes": ["CD3E"], "counts": [1]}]}'
+        return "application/json", nest
+
+    depths = st.integers(1, 60) | st.integers(1, 60_000)
+    return st.builds(body, st.sampled_from(list(CLOSERS)), depths, st.booleans(), st.booleans())
+
+
+def oversized_json() -> Any:
+    """Bodies over a limit or close to it: many cells, many genes, long names, many keys, long
+    numbers, a counts map of many genes."""
+    from hypothesis import strategies as st
+
+    def cells(n: int) -> bytes:
+        return json.dumps({"cells": [cell(cell_id=f"c{i}") for i in range(n)]}).encode()
+
+    def genes(n: int) -> bytes:
+        return json.dumps({"cells": [cell([f"G{i}" for i in range(n)], [1] * n)]}).encode()
+
+    def counts_map(n: int) -> bytes:
+        return json.dumps(
+            {"cells": [{"id": "c", "counts": {f"G{i}": 1 for i in range(n)}}]}
+        ).encode()
+
+    def name(n: int) -> bytes:
+        return json.dumps({"cells": [cell(cell_id="c" * n)]}).encode()
+
+    def keys(n: int) -> bytes:
+        return json.dumps({"cells": [cell()], **{f"k{i}": i for i in range(n)}}).encode()
+
+    def digits(n: int) -> bytes:
+        return b'{"cells": [{"id": "c", "genes": ["CD3E"], "counts": [' + b"9" * n + b"]}]}"
+
+    makers = [
+        (cells, st.integers(150, 400)),
+        (genes, st.integers(900, 1200)),
+        (counts_map, st.integers(900, 1200)),
+        (name, st.integers(150, 200_000)),
+        (keys, st.integers(1, 2000)),
+        (digits, st.integers(1, 10_000) | st.integers(4000, 10_000)),  # json: 4300 at most
+    ]
+    return st.one_of([st.builds(make, size) for make, size in makers]).map(
+        lambda data: ("application/json", data)
+    )
 
 
 def scrape(port: int, until: Callable[[str], bool], timeout: float = 60.0) -> str:
@@ -407,8 +619,18 @@ class Load:
     """A bounded closed-loop client: ``threads`` loops posting ``body`` until stopped (or
     ``max_seconds``); records each status and the model version that answered."""
 
-    def __init__(self, service: Service, body: dict[str, Any], *, threads: int, max_seconds: float):
+    def __init__(
+        self,
+        service: Service,
+        body: dict[str, Any],
+        *,
+        threads: int,
+        max_seconds: float,
+        client: Any = None,
+    ):
+        """``client``: a ``scbert_serve.client.Client`` (retries) instead of bare requests."""
         self.service, self.body, self.max_seconds = service, body, max_seconds
+        self.client = client
         self.stop = threading.Event()
         self.results: list[tuple[int, str | None]] = []
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
@@ -419,10 +641,13 @@ class Load:
         deadline = time.monotonic() + self.max_seconds
         while not self.stop.is_set() and time.monotonic() < deadline:
             try:
-                r = session.post(f"{self.service.url}/v1/annotate", json=self.body, timeout=60)
+                if self.client is not None:
+                    r = self.client.post("/v1/annotate", json=self.body, timeout=60)
+                else:
+                    r = session.post(f"{self.service.url}/v1/annotate", json=self.body, timeout=60)
                 version = r.json()["model"]["version"] if r.status_code == 200 else None
                 self.results.append((r.status_code, version))
-            except requests.RequestException as err:
+            except Exception as err:  # a client's ServiceUnavailable, a connection error
                 self.results.append((0, repr(err)))
 
     def __enter__(self) -> Load:
@@ -443,6 +668,64 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
             return time.monotonic() - start
         time.sleep(0.5)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def annotator_pids() -> list[int]:
+    """The annotator replicas' processes in this test's Ray (another Ray on the machine may run
+    a replica of the same name): Ray titles each actor's process with its class, and names each
+    worker's log in the session's folder after its process id."""
+    from scbert_platform.cluster import session_logs
+
+    logs = session_logs()
+    assert logs is not None
+    ours = {int(p.stem.rsplit("_", 1)[1]) for p in logs.glob("python-core-worker-*_*.log")}
+    pids = []
+    for pid in sorted(ours):
+        with contextlib.suppress(OSError):
+            if REPLICA_TITLE in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+    return pids
+
+
+REPLICA_TITLE = b"ServeReplica:scbert:ScBertAnnotator"
+
+
+def test_a_killed_replica_costs_the_client_no_request(service: Service) -> None:
+    """SIGKILL of the replica under load: requests in flight get 503 + Retry-After from the
+    proxy (scbert_serve.proxy), never a bare 500; the client retries them, and none fails."""
+    from scbert_serve.app import replica_counts
+    from scbert_serve.client import Client
+
+    client = Client(service.url, token=TOKEN, deadline_s=90)
+    with Load(
+        service, service.sparse(slice(0, 20)), threads=3, max_seconds=150, client=client
+    ) as load:
+        wait_for(lambda: len(load.results) >= 6, 60, "6 requests answered before the kill")
+        killed = annotator_pids()
+        assert killed, "no replica process found"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        at_kill, start = len(load.results), time.monotonic()
+        recovery = wait_for(
+            lambda: (
+                replica_counts().get("RUNNING", 0) >= 1
+                and bool(set(annotator_pids()) - set(killed))
+            ),
+            120,
+            "a new replica",
+        )
+        wait_for(lambda: len(load.results) >= at_kill + 6, 60, "6 requests answered after it")
+        waited = time.monotonic() - start
+    wait_for(lambda: replica_counts() == {"RUNNING": 1}, 120, "back to 1 replica")
+    failed = [r for r in load.results if r[0] != 200]
+    print(
+        f"replica kill: {len(load.results)} requests of 20 cells from 3 clients, "
+        f"{len(failed)} failed as the client saw them, {client.log.retries} retried "
+        f"({client.log.by_reason}); a new replica RUNNING {recovery:.1f} s after the kill; "
+        f"{len(load.results) - at_kill} answered in the {waited:.1f} s after it"
+    )
+    assert not failed, failed[:5]
+    assert client.log.retries >= 1 and "HTTP 500" not in client.log.by_reason
 
 
 def test_replicas_scale_from_one_to_two_under_load_and_back(service: Service) -> None:

@@ -154,3 +154,88 @@ def test_an_unexpected_failure_is_a_json_500_and_the_replica_goes_on(checkpoint:
     assert b"internal error (RuntimeError)" in response.body
     answered = asyncio.run(replica.model_info(Request(scope, receive)))
     assert answered.status_code == 200 and b'"classes":["B","NK","T"]' in answered.body
+
+
+def test_json_depth_counts_brackets_outside_strings_only() -> None:
+    from scbert_serve.schema import json_depth
+
+    cases = {
+        b"": 0,
+        b"1": 0,
+        b"[]": 1,
+        b'{"a": [[1], {"b": []}]}': 4,
+        b'["[[[", "\\"[[", "\\\\"]': 1,  # brackets in strings, escaped quotes and backslashes
+        b'["\\\\", [[1]]]': 3,
+        b'"no end [[[[': 0,  # json.loads stops at the unterminated string
+        b"[" * 50_000: 50_000,
+        b"[[]]]]][": 2,
+    }
+    assert {body: json_depth(body) for body in cases} == cases
+
+
+def test_json_depth_is_the_parsers_own_depth() -> None:
+    import json
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from scbert_serve.schema import json_depth
+
+    def depth(value: object) -> int:
+        if isinstance(value, list):
+            return 1 + max(map(depth, value), default=0)
+        if isinstance(value, dict):
+            return 1 + max(map(depth, value.values()), default=0)
+        return 0
+
+    text = st.text(alphabet=st.sampled_from('[]{}"\\ab\n\u00e9\u2028'), max_size=6)
+    values = st.recursive(
+        st.none() | st.integers() | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=30,
+    )
+
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @given(values, st.booleans())
+    def check(value: object, ascii_only: bool) -> None:
+        body = json.dumps(value, ensure_ascii=ascii_only).encode()
+        assert json_depth(body) == depth(value)
+
+    check()
+
+
+def test_json_sizes_are_held_to_the_limits_before_validation() -> None:
+    from scbert_serve.schema import BodyLimits, RequestError, check_json_sizes
+
+    limits = BodyLimits(max_cells=2, max_genes=3, max_decoded_bytes=0)
+    check_json_sizes({"cells": [{"genes": ["a", "b"]}, {"counts": {"a": 1, "c": 2}}]}, limits)
+    for body in ([1, 2, 3], {"cells": "x"}, {"cells": [1, {"genes": 5}]}):
+        check_json_sizes(body, limits)  # not shaped like a request: left to validation
+    refusals = {
+        "3 cells in one request; the limit is serve.max_cells_per_request = 2": {
+            "matrix": [[1]] * 3
+        },
+        "4 genes in one request; the limit is serve.max_genes = 3": {
+            "cells": [{"genes": ["a", "b"]}, {"counts": {"c": 1, "d": 2}}]
+        },
+        "5 genes in one request": {"genes": ["a"], "matrix": [[1] * 5]},
+        "the request has no cells": {"cells": []},
+    }
+    for message, body in refusals.items():
+        with pytest.raises(RequestError, match=message):
+            check_json_sizes(body, limits)
+
+
+def test_counts_and_ids_are_strictly_typed() -> None:
+    from scbert_serve.schema import AnnotateRequest
+
+    for cell in (
+        {"id": "a", "genes": ["X"], "counts": [True]},
+        {"id": "a", "genes": ["X"], "counts": ["3"]},
+        {"id": "a", "counts": {"X": False}},
+        {"id": 1, "genes": ["X"], "counts": [1]},
+    ):
+        with pytest.raises(ValidationError, match="Input should be a valid"):
+            AnnotateRequest.model_validate({"cells": [cell]})
+    parsed = AnnotateRequest.model_validate({"cells": [{"id": "a", "counts": {"X": 2**40}}]})
+    assert parsed.counts()[0].toarray().tolist() == [[2.0**40]]
