@@ -729,6 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scbert_platform.console import one_line_warnings, quiet_libraries, set_verbose
     from scbert_platform.ingest import IngestError
     from scbert_platform.panel import PanelError
+    from scbert_platform.tracking import TrackingLocked
     from scbert_platform.train_ray import TrainingError
     from scbert_tune.registry import GateRefused
 
@@ -756,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             | PanelError
             | TrainingError
             | GateRefused
+            | TrackingLocked
             | FileNotFoundError
             | KeyError
             | ValueError,

@@ -32,7 +32,6 @@ read by ``scbert.embedding.load_gene2vec_text``. See docs/gene_embed.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -46,6 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from scbert.atomic import atomic_file
+from scbert_platform.ingest import read_manifest
+from scbert_platform.loader import check_shards
 
 Weighting = Literal["binary", "value"]
 SHARD_GLOB = "part-*.parquet"
@@ -86,11 +87,14 @@ def shard_paths(shards_dir: str | Path) -> list[Path]:
 
 
 def _check_manifest(shards_dir: Path, n_genes: int) -> None:
-    """panel.txt is the source of truth; a manifest that disagrees on the size is an error."""
+    """panel.txt is the source of truth; a manifest that disagrees on the size is an error, and
+    the shards it lists must be whole and unchanged (``check_shards``)."""
     path = shards_dir / "manifest.json"
     if not path.is_file():
         return
-    panel = json.loads(path.read_text(encoding="utf-8")).get("panel", {})
+    manifest = read_manifest(shards_dir)
+    check_shards(shards_dir, manifest)
+    panel = manifest.get("panel", {})
     expected = panel.get("n_genes") if isinstance(panel, dict) else None
     if expected is not None and int(expected) != n_genes:
         raise ValueError(

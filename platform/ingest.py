@@ -18,9 +18,11 @@ and nothing is written; a crash or Ctrl-C at any point leaves the previous outpu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import pickle
 import sys
 import tempfile
@@ -53,6 +55,12 @@ BYTES_PER_NONZERO = 2.4
 
 class IngestError(ValueError):
     """Input that cannot be ingested; the message names the problem and the fix."""
+
+
+class ShardError(IngestError):
+    """An ingested shard directory that is incomplete or damaged (its manifest missing or not
+    JSON, a shard missing, truncated or changed since ingest): the message names the file and
+    how to get the directory back."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,7 +825,10 @@ def ingest(
         raise ValueError(f"executor must be auto, ray or local, got {executor!r}")
     if params.chunk_cells < 1 or params.shard_mb <= 0 or params.min_genes < 0:
         raise IngestError("data.chunk_cells and data.shard_mb must be positive, min_genes >= 0")
-    with tempfile.TemporaryDirectory(prefix="scbert-ingest-") as scratch:
+    with (
+        _full_disk_as_error(output),
+        tempfile.TemporaryDirectory(prefix="scbert-ingest-") as scratch,
+    ):
         table = open_input(source, params, Path(scratch))
         n_chunks = math.ceil(table.n_cells / params.chunk_cells)
         use_ray = executor == "ray" or (executor == "auto" and n_chunks > 1)
@@ -1076,9 +1087,66 @@ def _manifest(
     }
 
 
+@contextmanager
+def _full_disk_as_error(output: Path) -> Iterator[None]:
+    """A full disk as an ``IngestError`` naming ``output``, not a traceback from deep inside
+    pyarrow or a Ray task. By the time it gets here ``atomic_directory`` has removed the staging
+    directory, so the previous output, if any, is as it was."""
+    existed = output.exists()
+    try:
+        yield
+    except Exception as err:
+        if not _no_space_left(err):
+            raise
+        kept = f"the previous {output} is unchanged" if existed else "nothing was written"
+        raise IngestError(
+            f"no space left on the device while writing {output}: free some space (or write "
+            f"elsewhere with --out) and run `scbert ingest` again; {kept}"
+        ) from err
+
+
+def _no_space_left(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error behind it is ENOSPC (Ray keeps the task's error as ``cause``;
+    an error that crossed a process as text keeps only its message)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if os.strerror(errno.ENOSPC) in str(err):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return False
+
+
+def reingest_hint(directory: str | Path, manifest: dict[str, Any] | None = None) -> str:
+    """What to type to get an ingested directory back: ingest again (naming the source when the
+    manifest says it), or restore DVC's copy."""
+    source = manifest.get("source", {}).get("path") if manifest else None
+    command = f"scbert ingest {source} --out {directory}" if source else "scbert ingest"
+    return (
+        f"run `{command}` again with the same parameters to rewrite the shards (or `dvc "
+        "checkout --force` / `dvc repro ingest` where DVC tracks them)"
+    )
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of an ingested directory; a missing or unreadable one is a ``ShardError``."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise ShardError(f"{directory} does not exist: {reingest_hint(directory)}")
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MANIFEST}: not an ingested shard directory")
-    manifest: dict[str, Any] = json.loads(path.read_text())
+        raise ShardError(
+            f"{path} is missing, so {directory} is not a complete ingested shard directory: "
+            f"{reingest_hint(directory)}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(
+            f"{path} is not valid JSON ({err}): it is truncated or was edited; "
+            f"{reingest_hint(directory)}"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} is not an ingest manifest: {reingest_hint(directory)}")
     return manifest

@@ -24,15 +24,26 @@ from typing import Any
 import numpy as np
 
 from scbert.tokens import APPENDED_TOKEN, bin_values
-from scbert_platform.ingest import PANEL_FILE, read_manifest
+from scbert_platform.ingest import (
+    MANIFEST,
+    PANEL_FILE,
+    ShardError,
+    file_sha256,
+    read_manifest,
+    reingest_hint,
+)
 from scbert_platform.splits import CellSplit
 
+SHARD_GLOB = "part-*.parquet"
 NO_LABEL = -1  # label id of unlabelled cells and of labels outside the vocabulary
+# (path, size, mtime, inode) of shards whose sha256 matched their manifest in this process:
+# a training worker reads the directory's info once per validation, and hashes it only once
+_VERIFIED: set[tuple[str, int, int, int]] = set()
 
 
 def shard_files(directory: str | Path) -> list[str]:
     """The Parquet shards of an ingested directory, in order."""
-    files = sorted(str(p) for p in Path(directory).glob("part-*.parquet"))
+    files = sorted(str(p) for p in Path(directory).glob(SHARD_GLOB))
     if not files:
         raise FileNotFoundError(f"{directory} holds no part-*.parquet shards: run scbert ingest")
     return files
@@ -50,13 +61,65 @@ class ShardInfo:
 
     @classmethod
     def read(cls, directory: str | Path) -> ShardInfo:
+        """The directory's manifest and panel, after ``check_shards``: a damaged directory fails
+        here, before Ray or MLflow start anything."""
         directory = Path(directory)
         manifest = read_manifest(directory)
+        check_shards(directory, manifest)
         panel = (directory / PANEL_FILE).read_text().splitlines()
         if len(panel) != manifest["panel"]["n_genes"]:
             raise ValueError(f"{directory}: {PANEL_FILE} does not match the manifest")
         labels = sorted(k for k in manifest["labels"]["counts"] if k != "<unlabelled>")
         return cls(directory, len(panel), panel, labels, manifest["cells"]["kept"])
+
+
+def check_shards(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest lists is on disk, whole (its size) and unchanged (its sha256),
+    and no other shard is there; else a ``ShardError`` naming the file.
+
+    Without this, a truncated shard fails inside a Ray Data read task once training has started
+    (a worker's traceback), and bytes changed inside a page either fail the same way or, where
+    the page still decodes, give wrong values silently. A manifest without a shard list (written
+    by hand) is not checked. Each shard is hashed once per process (sha256 reads about 1.7 GB/s
+    on one core here); later calls, e.g. every validation, only look at the files' sizes.
+    """
+    listed = manifest.get("shards")
+    if not isinstance(listed, list):
+        return
+    directory = Path(directory)
+    fix = reingest_hint(directory, manifest)
+    names = set()
+    for entry in listed:
+        path = directory / entry["file"]
+        names.add(path.name)
+        _check_shard(path, entry, directory / MANIFEST, fix)
+    for path in sorted(directory.glob(SHARD_GLOB)):
+        if path.name not in names:
+            raise ShardError(
+                f"{path} is not listed in {directory / MANIFEST} (left by another ingest, or "
+                f"copied in): every part-*.parquet is read as training data; {fix}"
+            )
+
+
+def _check_shard(path: Path, entry: dict[str, Any], manifest: Path, fix: str) -> None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ShardError(f"{path} is missing (listed in {manifest}): {fix}") from None
+    if "n_bytes" in entry and stat.st_size != entry["n_bytes"]:
+        raise ShardError(
+            f"{path} is truncated or corrupted ({stat.st_size:,} bytes, {manifest} says "
+            f"{entry['n_bytes']:,}): {fix}"
+        )
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if "sha256" not in entry or key in _VERIFIED:
+        return
+    if file_sha256(path) != entry["sha256"]:
+        raise ShardError(
+            f"{path} is corrupted (its sha256 is not the one {manifest} records; it changed "
+            f"after ingest): {fix}"
+        )
+    _VERIFIED.add(key)
 
 
 class CellBatcher:
@@ -177,12 +240,9 @@ def _record_batches(
     split: CellSplit | None = None,
     role: str = "val",
 ) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
     columns = _read_columns(split)
     for file in files:
-        shard = pq.ParquetFile(file, memory_map=True)
-        for record_batch in shard.iter_batches(batch_size=batch_size, columns=columns):
+        for record_batch in _shard_batches(file, batch_size, columns):
             keep = _fold_mask(record_batch.column("fold").to_numpy(), folds, exclude_folds)
             if split is not None:
                 keep &= split.mask(record_batch, role)
@@ -190,6 +250,22 @@ def _record_batches(
                 yield record_batch
             elif keep.any():
                 yield record_batch.filter(keep)
+
+
+def _shard_batches(file: str, batch_size: int, columns: list[str]) -> Iterator[Any]:
+    """One shard's record batches; a shard that cannot be decoded (damaged after
+    ``check_shards`` ran, or never checked) is a ``ShardError`` naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        shard = pq.ParquetFile(file, memory_map=True)
+        yield from shard.iter_batches(batch_size=batch_size, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(
+            f"{file} cannot be read ({err}); if it was damaged after ingest, "
+            f"{reingest_hint(Path(file).parent)}"
+        ) from err
 
 
 def prefetch(

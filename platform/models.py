@@ -37,6 +37,8 @@ def resolve_model(ref: str) -> ModelSource:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), or a directory: a
     checkpoint (``config.json``) or an MLflow pyfunc model (``MLmodel``)."""
     if ref.startswith("models:/"):
+        from mlflow.exceptions import MlflowException
+
         from scbert_platform.tracking import registry_client, tracking_uri
 
         path = ref.removeprefix("models:/")
@@ -45,7 +47,7 @@ def resolve_model(ref: str) -> ModelSource:
         if at:
             try:
                 version = str(client.get_model_version_by_alias(name, alias).version)
-            except Exception as err:
+            except MlflowException as err:  # (a locked database is TrackingLocked: raised)
                 raise ValueError(
                     f"{ref}: no version of {name!r} has the alias {alias!r} in "
                     f"{tracking_uri()} ({err}); scbert register and scbert promote one first"

@@ -7,9 +7,13 @@ tracking server instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +22,95 @@ MODEL_URI_TAG = "scbert.model_uri"  # on a fine-tuning run: its pyfunc model, fo
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 
+class TrackingLocked(RuntimeError):
+    """The tracking database stayed locked by another process for longer than SQLite waits."""
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the embedded SQLite file (absolute: Ray workers share it)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def registry_client() -> Any:
-    """An MLflow client on this tracking URI, which also holds the model registry."""
+    """An MLflow client on this tracking URI, which also holds the model registry; a database
+    locked by another process is a ``TrackingLocked`` from any of its calls."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    with waiting_for_database():  # the client opens the store, which reads the database
+        client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    return _LockReporting(client)
+
+
+@contextmanager
+def waiting_for_database() -> Iterator[None]:
+    """Turn SQLite's "database is locked" into ``TrackingLocked`` naming the database.
+
+    The wait itself is SQLite's: a connection retries a locked database for 5 s (MLflow's
+    queries set 20 s), and succeeds as soon as the other process lets go. What is left after
+    that is a process holding a transaction open (a sqlite3 shell, a stuck writer), which
+    waiting longer would not fix.
+    """
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as err:
+        if not _database_locked(err):
+            raise
+        waited = time.monotonic() - started
+        raise TrackingLocked(
+            f"the MLflow database {_database()} is locked by another process (waited "
+            f"{waited:.0f} s): let it finish (another scbert command, mlflow ui, a sqlite3 "
+            "shell with an open transaction) and run this again"
+        ) from None
+
+
+def _database() -> str:
+    uri = tracking_uri()
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+
+
+def _database_locked(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error behind it is SQLite's busy error (SQLAlchemy and MLflow wrap
+    it, keeping its message)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if "database is locked" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class _LockReporting:
+    """An ``MlflowClient`` whose every call reports a locked database as ``TrackingLocked``
+    (instead of SQLAlchemy's traceback)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with waiting_for_database():
+                return attribute(*args, **kwargs)
+
+        return call
 
 
 def experiment_id(name: str) -> str:
-    """The experiment's id, created if missing (local artifacts beside the default database)."""
+    """The experiment's id, created if missing (local artifacts beside the default database).
+    Every tracked run starts here: a locked database is a ``TrackingLocked``."""
+    with waiting_for_database():
+        return _experiment_id(name)
+
+
+def _experiment_id(name: str) -> str:
     import mlflow
 
     embedded = "MLFLOW_TRACKING_URI" not in os.environ  # read first: mlflow sets it below

@@ -11,6 +11,7 @@ and its Conv2d(1, 1, (1, dim)) weight is our per_gene Linear weight reshaped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,18 @@ from scbert.config import ScBertConfig
 from scbert.model import ScBert
 
 FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+# how every damaged-checkpoint message ends: where a good copy comes from
+REWRITE_HINT = (
+    "write it again (scbert pretrain/finetune --out DIR, or save_pretrained), or fetch it again "
+    "from where it came (its MLflow run's artifacts, dvc checkout)"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory whose files are damaged (truncated, changed, not what
+    config.json describes); the message names the file and how to get a good copy."""
+
 
 # (published key, our key); {name} fields match what _FIELDS allows and carry over.
 PUBLISHED_NAMES: list[tuple[str, str]] = [
@@ -206,10 +219,15 @@ def save_pretrained(
         raise ValueError("labels given for a pretraining model (config.n_classes is None)")
     directory = Path(directory)
     with atomic_directory(directory, kind="checkpoint", overwrite=overwrite) as staging:
-        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict()}
-        (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / "model.safetensors"))
+        save_file(state, str(staging / WEIGHTS))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            # safetensors has no checksum: bytes changed inside a tensor load silently
+            "weights_sha256": _sha256(staging / WEIGHTS),
+        }
+        (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         (staging / "panel.txt").write_text("".join(f"{gene}\n" for gene in panel))
         if labels is not None:
             (staging / "labels.json").write_text(json.dumps(list(labels), indent=2) + "\n")
@@ -217,36 +235,79 @@ def save_pretrained(
 
 
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> ModelBundle:
-    """Rebuild model, panel and labels from a directory written by ``save_pretrained``."""
-    from safetensors.torch import load_file
+    """Rebuild model, panel and labels from a directory written by ``save_pretrained``.
 
+    A missing file is a ``FileNotFoundError``, a damaged one a ``CheckpointError``: both name the
+    file and say how to get a good copy (not a safetensors or torch error from deep inside).
+    """
     directory = Path(directory)
-    missing = [
-        n
-        for n in ("config.json", "model.safetensors", "panel.txt")
-        if not (directory / n).is_file()
-    ]
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    missing = [n for n in ("config.json", WEIGHTS, "panel.txt") if not (directory / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} is not an scBERT checkpoint: missing {missing}")
-    meta = json.loads((directory / "config.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: unsupported checkpoint format {meta.get('format_version')}")
+        raise FileNotFoundError(
+            f"{', '.join(str(directory / n) for n in missing)} missing: {directory} is not a "
+            f"complete scBERT checkpoint (config.json, {WEIGHTS}, panel.txt); {REWRITE_HINT}"
+        )
+    meta = _read_meta(directory / "config.json")
     config = ScBertConfig.from_dict(meta["config"])
-    state = load_file(str(directory / "model.safetensors"), device=str(device))
+    state = _read_weights(directory / WEIGHTS, meta.get("weights_sha256"))
     table = state.get("gene_emb.weight") if config.gene_embedding == "gene2vec" else None
     model = ScBert(config=config, gene2vec=table).to(device)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not hold the model config.json describes ({err}); "
+            f"{REWRITE_HINT}"
+        ) from None
     panel = (directory / "panel.txt").read_text().splitlines()
-    labels_path = directory / "labels.json"
-    labels: list[str] | None = None
-    if config.n_classes is not None:
-        if not labels_path.is_file():
-            raise FileNotFoundError(
-                f"{directory}: fine-tuned ({config.n_classes} classes) but no labels.json"
-            )
-        labels = json.loads(labels_path.read_text())
-        if not isinstance(labels, list) or len(labels) != config.n_classes:
-            raise ValueError(
-                f"{labels_path}: expected a list of {config.n_classes} class names, got {labels!r}"
-            )
+    labels = _read_labels(directory / "labels.json", config.n_classes)
     return ModelBundle(model=model, panel=panel, labels=labels)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); {REWRITE_HINT}") from None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise CheckpointError(f"{path} is not an scBERT checkpoint config; {REWRITE_HINT}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format_version')}")
+    return meta
+
+
+def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, checked against the digest config.json records (checkpoints
+    written before the digest existed are only checked for a readable layout)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(
+            f"{path} is truncated or corrupted (its sha256 is not the one config.json records); "
+            f"{REWRITE_HINT}"
+        )
+    try:
+        return load(data)
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is truncated or corrupted ({err}); {REWRITE_HINT}") from None
+
+
+def _read_labels(path: Path, n_classes: int | None) -> list[str] | None:
+    if n_classes is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent}: fine-tuned ({n_classes} classes) but no {path.name}"
+        )
+    labels = json.loads(path.read_text())
+    if not isinstance(labels, list) or len(labels) != n_classes:
+        raise ValueError(f"{path}: expected a list of {n_classes} class names, got {labels!r}")
+    return labels

@@ -63,8 +63,10 @@ def plan(
 ) -> list[dict[str, Any]]:
     """The trials of a protocol: ``{"group", "held_out", "split"}`` each."""
     from scbert_platform.ingest import read_manifest
+    from scbert_platform.loader import check_shards
 
     manifest = read_manifest(shards)
+    check_shards(shards, manifest)  # a damaged shard fails here, not inside every trial
     labels = list(manifest["labels"]["counts"])
     n_folds = int(manifest["folds"]["n_folds"])
     train = params.train

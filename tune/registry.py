@@ -11,6 +11,9 @@ Registered models are named ``scbert-<dataset>``. ``register`` adds a version an
 Otherwise it refuses and says why; ``force`` skips the gate with a reason that is recorded.
 ``rollback`` moves ``champion`` back to the version it replaced. Every alias move is recorded on
 the version it lands on (tag ``scbert.alias_history``: who, when, why).
+
+A move killed half-way (SIGKILL, a lost machine) leaves a consistent registry, and the next
+``register``, ``promote`` or ``rollback`` finishes or forgets it first (``_move``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,9 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 HISTORY_TAG = "scbert.alias_history"
 PREVIOUS_TAG = "scbert.previous_champion"
+FORCED_TAG = "scbert.forced"
+MOVE_TAG = "scbert.last_alias_move"  # on the registered model: the latest move, begun or done
+INTERRUPTED_NOTE = " (finished now: the command that began it was stopped half-way)"
 SOURCE_TAGS = ("scbert.manifest_sha256", "scbert.panel_sha256", "scbert.source_sha256")
 
 
@@ -64,38 +71,120 @@ def register(run_id: str, *, name: str | None = None) -> AliasMove:
         if key.startswith(("cv/", "test/accuracy", "test/macro_f1"))
     }
     tags["scbert.run_id"] = run_id
-    try:
-        client.get_registered_model(name)
-    except Exception:
+    if _registered_model(client, name) is None:
         client.create_registered_model(name)
+    _finish_interrupted(client, name)
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
-    return _move(client, name, CHALLENGER, str(version.version), f"registered from run {run_id}")
+    return _move(
+        client, name, CHALLENGER, str(version.version), f"registered from run {run_id}", "register"
+    )
 
 
-def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+def _registered_model(client: Any, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception:
+        return client.get_registered_model(name)
+    except MlflowException:  # not registered (a locked database is TrackingLocked: raised)
         return None
 
 
-def _move(client: Any, name: str, alias: str, version: str, reason: str) -> AliasMove:
-    previous = _alias_version(client, name, alias)
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such alias (a locked database, TrackingLocked, is raised)
+        return None
+
+
+def _move(
+    client: Any,
+    name: str,
+    alias: str,
+    version: str,
+    reason: str,
+    kind: str,
+    *,
+    forced: str | None = None,
+) -> AliasMove:
+    """Move ``alias`` to ``version`` so that a kill between any two writes leaves a consistent
+    registry. The order matters:
+
+    1. the move as intended (``MOVE_TAG`` on the registered model, with an id);
+    2. on a promotion, the champion it replaces (``PREVIOUS_TAG`` on the target), so that a
+       rollback works from the moment the alias lands;
+    3. the alias: the commit point. Until here serving and rollback see the old champion, and
+       what 1 and 2 wrote is harmless (2 is only read on the champion, and rewritten by the
+       next promotion of that version);
+    4. the records of the move (``_record``): forced reason and history entry on the target.
+
+    A kill before 3 leaves the old state (the next move replaces the intent); a kill after 3
+    leaves the new state with its records missing, which ``_finish_interrupted`` writes from
+    the intent before any later move. Writing the history before the alias instead would
+    record moves that never happened.
+    """
+    holder = _alias_version(client, name, alias)
+    intent = {
+        "id": uuid.uuid4().hex[:12],
+        "kind": kind,
+        "alias": alias,
+        "version": version,
+        "previous": None if holder is None else str(holder.version),
+        "reason": reason,
+        "forced": forced,
+        "who": getpass.getuser(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    client.set_registered_model_tag(name, MOVE_TAG, json.dumps(intent))
+    if kind == "promote" and intent["previous"] is not None:
+        client.set_model_version_tag(name, version, PREVIOUS_TAG, intent["previous"])
     client.set_registered_model_alias(name, alias, version)
+    _record(client, name, intent)
+    return _as_move(name, intent)
+
+
+def _record(client: Any, name: str, intent: dict[str, Any]) -> bool:
+    """Write a committed move's forced reason and history entry, unless its history entry
+    (found by the move's id) is already there. Returns whether it wrote them."""
+    version = intent["version"]
     target = client.get_model_version(name, version)
     history = json.loads(target.tags.get(HISTORY_TAG, "[]"))
+    if any(entry.get("id") == intent["id"] for entry in history):
+        return False
+    if intent.get("forced"):
+        client.set_model_version_tag(name, version, FORCED_TAG, intent["forced"])
     history.append(
         {
-            "alias": alias,
-            "who": getpass.getuser(),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "why": reason,
-            "replaced": None if previous is None else str(previous.version),
+            "alias": intent["alias"],
+            "who": intent["who"],
+            "when": intent["when"],
+            "why": intent["reason"],
+            "replaced": intent["previous"],
+            "id": intent["id"],
         }
     )
     client.set_model_version_tag(name, version, HISTORY_TAG, json.dumps(history))
+    return True
+
+
+def _finish_interrupted(client: Any, name: str) -> dict[str, Any] | None:
+    """The latest move, if it was killed after its commit point and is now finished here;
+    None when it had completed, or never committed (its alias did not move: nothing to do)."""
+    model = _registered_model(client, name)
+    text = model.tags.get(MOVE_TAG) if model is not None else None
+    if not text:
+        return None
+    intent: dict[str, Any] = json.loads(text)
+    holder = _alias_version(client, name, intent["alias"])
+    if holder is None or str(holder.version) != intent["version"]:
+        return None
+    return intent if _record(client, name, intent) else None
+
+
+def _as_move(name: str, intent: dict[str, Any], *, note: str = "") -> AliasMove:
     return AliasMove(
-        name, alias, version, None if previous is None else str(previous.version), reason
+        name, intent["alias"], intent["version"], intent["previous"], intent["reason"] + note
     )
 
 
@@ -159,16 +248,18 @@ def promote(
 ) -> AliasMove:
     """Move ``champion`` to the challenger if the gate passes (or ``force_reason`` is given)."""
     client = registry_client()
+    finished = _finish_interrupted(client, name)
     challenger = _alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise GateRefused(f"{name} has no {CHALLENGER}: scbert register a run first")
     champion = _alias_version(client, name, CHAMPION)
     if champion is not None and champion.version == challenger.version:
+        if finished is not None and finished["kind"] == "promote":
+            return _as_move(name, finished, note=INTERRUPTED_NOTE)
         raise GateRefused(f"version {challenger.version} is already the {CHAMPION}")
     if force_reason is not None:
         if not force_reason.strip():
             raise ValueError("--force needs a reason")
-        client.set_model_version_tag(name, challenger.version, "scbert.forced", force_reason)
         reason = f"forced: {force_reason}"
     else:
         problems = gate(client, name, challenger, champion, metric=metric, tolerance=tolerance)
@@ -177,18 +268,22 @@ def promote(
                 f"version {challenger.version} not promoted:\n- " + "\n- ".join(problems)
             )
         reason = f"passed the gate on {metric} (tolerance {tolerance:g})"
-    if champion is not None:
-        client.set_model_version_tag(name, challenger.version, PREVIOUS_TAG, champion.version)
-    return _move(client, name, CHAMPION, str(challenger.version), reason)
+    version = str(challenger.version)
+    return _move(client, name, CHAMPION, version, reason, "promote", forced=force_reason)
 
 
 def rollback(name: str) -> AliasMove:
-    """Move ``champion`` back to the version the current champion replaced."""
+    """Move ``champion`` back to the version the current champion replaced. After a rollback
+    that was killed past its commit point, this finishes that one instead of a second."""
     client = registry_client()
+    finished = _finish_interrupted(client, name)
+    if finished is not None and finished["kind"] == "rollback":
+        return _as_move(name, finished, note=INTERRUPTED_NOTE)
     champion = _alias_version(client, name, CHAMPION)
     if champion is None:
         raise GateRefused(f"{name} has no {CHAMPION} to roll back")
     previous = champion.tags.get(PREVIOUS_TAG)
     if not previous:
         raise GateRefused(f"{CHAMPION} version {champion.version} replaced no earlier version")
-    return _move(client, name, CHAMPION, previous, f"rollback from version {champion.version}")
+    reason = f"rollback from version {champion.version}"
+    return _move(client, name, CHAMPION, previous, reason, "rollback")

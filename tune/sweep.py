@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from scbert_platform.cluster import start_ray
+from scbert_platform.loader import ShardInfo
 from scbert_platform.params import Params, ParamsError
 from scbert_tune.trials import (
     Study,
@@ -255,6 +256,7 @@ def sweep(
     set_trial_resources(params, trial_cpus, trial_gpus)
     spec = spec or default_spec(params)
     spec.check(params, pretrained=bool(init_from))
+    ShardInfo.read(shards)  # a damaged shard directory fails here, not inside every trial
     name = name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     study = Study("sweep", name, Path(shards), params, init_from=init_from)
     cluster_cpus = start_ray()
