@@ -101,7 +101,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
-    info = ShardInfo.read(config["shards"])
+    info = ShardInfo.read(config["shards"], digests=False)  # fit hashed them before starting
     split = CellSplit.from_dict(config["split"])
     model = _initial_model(config, info)
     if task == "finetune":

@@ -16,7 +16,7 @@ from conftest import PBMC_PARAMS, child_runs, mlflow_client, noise_in, scbert_cl
 from scbert_platform.ingest import read_manifest
 
 pytestmark = pytest.mark.ray
-N_FOLDS = 3  # the CV test's folds
+N_FOLDS = 2  # the CV test's folds
 
 
 def test_cv_on_real_folds_next_to_the_baselines_then_register(
@@ -25,7 +25,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     """Fold trials from scratch (tiny model, few steps: the mechanics, not the accuracy), the
     logreg baseline in the same table, every labelled cell tested once, then the CV run is
     registered with its CV metrics and promoted past the gate. The real cells are ingested in
-    3 folds rather than 5: the same mechanics in 2 fewer trials (the suite's time budget)."""
+    2 folds rather than 5: the same mechanics in 3 fewer trials (the suite's time budget)."""
     from scbert_platform.ingest import ingest
     from scbert_platform.params import DataParams
 
