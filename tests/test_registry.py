@@ -54,6 +54,24 @@ def test_register_promote_refuse_force_and_rollback(workdir: Path) -> None:
     assert version_of(CHAMPION).tags["scbert.forced"] == "hotfix for a mislabelled class"
 
 
+def test_a_run_is_registered_once(workdir: Path) -> None:
+    """Registering a run again (a register killed between creating the version and moving the
+    alias, or a user making an older run the challenger again) reuses the run's version."""
+    from scbert_platform.tracking import registry_client
+
+    first, second = finetuned_run(workdir, 0.80, seed=0), finetuned_run(workdir, 0.81, seed=1)
+    assert register(first).version == "1"
+    client = registry_client()
+    run = client.get_run(second)
+    uri = run.data.tags[tracking.MODEL_URI_TAG]
+    client.create_model_version("scbert-toy", uri, run_id=second)  # what a killed register left
+    assert register(second).version == "2" and str(version_of(CHALLENGER).version) == "2"
+    again = register(second)
+    assert (again.version, again.reason.endswith("already the challenger")) == ("2", True)
+    assert register(first).version == "1" and str(version_of(CHALLENGER).version) == "1"
+    assert len(client.search_model_versions("name = 'scbert-toy'")) == 2
+
+
 def test_gate_refuses_another_dataset_or_a_missing_metric(workdir: Path) -> None:
     register(finetuned_run(workdir, 0.80))
     promote("scbert-toy")

@@ -51,7 +51,9 @@ class AliasMove:
 
 
 def register(run_id: str, *, name: str | None = None) -> AliasMove:
-    """Register the run's pyfunc model as a new version and move ``challenger`` to it."""
+    """Register the run's pyfunc model as a new version and move ``challenger`` to it. A run is
+    one version: registering it again (after a kill between the version and the alias, or to
+    make it the challenger once more) moves ``challenger`` to the version it already has."""
     client = registry_client()
     run = client.get_run(run_id)
     model_uri = run.data.tags.get(MODEL_URI_TAG)
@@ -74,10 +76,24 @@ def register(run_id: str, *, name: str | None = None) -> AliasMove:
     if _registered_model(client, name) is None:
         client.create_registered_model(name)
     _finish_interrupted(client, name)
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
-    return _move(
-        client, name, CHALLENGER, str(version.version), f"registered from run {run_id}", "register"
-    )
+    earlier = _version_of_run(client, name, run_id)
+    if earlier is not None:
+        version, reason = str(earlier.version), f"registered from run {run_id} (again)"
+        holder = _alias_version(client, name, CHALLENGER)
+        if holder is not None and str(holder.version) == version:
+            return AliasMove(
+                name, CHALLENGER, version, version, f"{reason}: already the {CHALLENGER}"
+            )
+    else:
+        created = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+        version, reason = str(created.version), f"registered from run {run_id}"
+    return _move(client, name, CHALLENGER, version, reason, "register")
+
+
+def _version_of_run(client: Any, name: str, run_id: str) -> Any | None:
+    """The version ``register`` made of this run, if any (the lowest, should there be several)."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def _registered_model(client: Any, name: str) -> Any | None:
