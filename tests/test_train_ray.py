@@ -16,6 +16,7 @@ import pytest
 from conftest import scbert_cli, tiny_params
 
 from scbert import load_pretrained
+from scbert.atomic import copy_directory
 from scbert_platform.ingest import read_manifest
 from scbert_platform.params import TrainParams
 from scbert_platform.train_ray import TrainingError, check_resources, fit
@@ -228,8 +229,16 @@ def test_a_stopped_run_is_resumed_by_name(
     # workers' own lines come back (a default run keeps them in the logs: tests/test_dvc.py)
     params.train.max_steps = 8
     params.dump(workdir / "params.yaml")
-    second = scbert_cli(workdir, "--verbose", "pretrain", str(pbmc_shards), "--resume", "long")
+    # --out over the 4-step model an earlier run copied there: replaced by the 8-step one
+    weights = Path(first.checkpoint) / "model.safetensors"
+    four_steps = weights.read_bytes()
+    copy_directory(first.checkpoint, workdir / "model", kind="checkpoint")
+    second = scbert_cli(
+        workdir, "--verbose", "pretrain", str(pbmc_shards), "--resume", "long", "--out", "model"
+    )
     assert second.returncode == 0, second.stderr[-3000:]
+    out = (workdir / "model" / "model.safetensors").read_bytes()
+    assert out == weights.read_bytes() != four_steps and "model: model" in second.stderr
     assert second.stdout.startswith("pretrain long: 8 steps; train/loss")
     assert "pretrain: resumed from step 4 (epoch 0)" in second.stderr
     assert "pretrain: 8/8 steps (100%)" in second.stderr  # the bar, as plain lines
