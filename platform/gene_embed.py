@@ -46,10 +46,9 @@ import torch
 
 from scbert.atomic import atomic_file
 from scbert_platform.ingest import read_manifest
-from scbert_platform.loader import check_shards
+from scbert_platform.loader import SHARD_GLOB, check_shards
 
 Weighting = Literal["binary", "value"]
-SHARD_GLOB = "part-*.parquet"
 
 
 def _log(message: str, progress: bool) -> None:

@@ -37,7 +37,7 @@ from scbert_platform.splits import CellSplit
 SHARD_GLOB = "part-*.parquet"
 NO_LABEL = -1  # label id of unlabelled cells and of labels outside the vocabulary
 # (path, size, mtime, inode) of shards whose sha256 matched their manifest in this process:
-# a training worker reads the directory's info once per validation, and hashes it only once
+# a process that reads the directory's info again (a notebook, a second loader) hashes once
 _VERIFIED: set[tuple[str, int, int, int]] = set()
 
 

@@ -555,7 +555,8 @@ def fit(
     if task not in ("pretrain", "finetune"):
         raise ValueError(f"task must be pretrain or finetune, got {task!r}")
     shards = Path(shards).resolve()
-    info = ShardInfo.read(shards)
+    # a study's trial: its driver hashed the shards before starting the trials (cv, sweep)
+    info = ShardInfo.read(shards, digests=not report_to_tune)
     manifest = read_manifest(shards)
     train = params.train
     check_params(params, int(manifest["folds"]["n_folds"]))
