@@ -1,9 +1,20 @@
 """From Parquet cell shards to model batches: densify, bin, append the extra position.
 
-``CellBatcher`` is the transform, plain numpy/pyarrow (no Ray): serving and notebooks use it
-directly. ``cell_dataset`` wraps it in a Ray Data pipeline for training:
+Two ways, one binning (``scbert.tokens.bin_values``):
 
-    read_parquet(shards) -> filter(fold) -> map_batches(CellBatcher) -> iter_torch_batches
+- ``CellBatcher``, plain numpy/pyarrow (no Ray): shard rows -> dense ``{"tokens", "label"}``.
+  Serving, notebooks and validation use it (``iter_local_batches``).
+- ``cell_dataset`` + ``dense_batches``, for training on Ray. The Ray Data pipeline bins the
+  expressed genes and ships *sparse* rows through the object store; the consumer (a training
+  worker) densifies each batch, on its GPU when it has one:
+
+      read_parquet(shards) -> filter(fold) -> map_batches(SparseBinner)   [Ray Data tasks]
+        -> iter_batches(pyarrow, local shuffle) -> densify                 [the training worker]
+
+  A paper-size cell is about 1,500 expressed genes of 16,907 positions: 3 bytes per kept gene
+  (uint16 gene index + uint8 token; genes in bin 0 are dropped, as they are 0 once dense) instead
+  of 17 kB dense, so the object store carries several times fewer bytes, and a GPU receives
+  the sparse rows (pinned, non-blocking) and scatters them on the device.
 
 Shuffling: Ray Data's full ``random_shuffle`` moves every cell through the object store each
 epoch. Instead, the file order is randomised per epoch and batches are drawn from a local shuffle
@@ -148,20 +159,17 @@ class CellBatcher:
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         """``batch``: a pyarrow Table (or a dict of columns) in the shard schema."""
-        gene_idx, value = _flat_lists(batch, "gene_idx"), _flat_lists(batch, "value")
-        offsets, genes = gene_idx
-        _, values = value
-        n_cells = len(offsets) - 1
+        offsets, genes, tokens = self.binned(batch)
+        dense = scatter_tokens(offsets, genes, tokens, self.n_genes, dtype=self.dtype)
+        return {"tokens": dense, "label": self.encode_labels(_column(batch, "label"))}
+
+    def binned(self, batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows' (offsets, gene indices, tokens), sparse: the shard's expressed genes."""
+        offsets, genes = _flat_lists(batch, "gene_idx")
+        _, values = _flat_lists(batch, "value")
         if genes.size and int(genes.max()) >= self.n_genes:
             raise ValueError(f"gene index {int(genes.max())} outside a panel of {self.n_genes}")
-        width = self.n_genes + 1
-        tokens = np.zeros((n_cells, width), dtype=self.dtype)
-        index = np.int32 if n_cells * width < np.iinfo(np.int32).max else np.int64
-        flat = np.repeat(np.arange(0, n_cells * width, width, dtype=index), np.diff(offsets))
-        flat += genes
-        tokens.reshape(-1)[flat] = bin_values(values, self.n_bins, dtype=self.dtype)
-        tokens[:, -1] = APPENDED_TOKEN
-        return {"tokens": tokens, "label": self.encode_labels(_column(batch, "label"))}
+        return offsets, genes, bin_values(values, self.n_bins, dtype=self.dtype)
 
     def encode_labels(self, labels: Sequence[Any]) -> np.ndarray:
         return np.fromiter(
@@ -169,6 +177,20 @@ class CellBatcher:
             dtype=np.int64,
             count=len(labels),
         )
+
+
+def scatter_tokens(
+    offsets: np.ndarray, genes: np.ndarray, tokens: np.ndarray, n_genes: int, *, dtype: Any
+) -> np.ndarray:
+    """Dense (b, n_genes + 1) tokens from CSR rows, the appended position (token 0) last."""
+    n_cells, width = len(offsets) - 1, n_genes + 1
+    dense = np.zeros((n_cells, width), dtype=dtype)
+    # intp indices: numpy converts any other index type to it first (int32 was 25% slower)
+    flat = np.repeat(np.arange(0, n_cells * width, width, dtype=np.intp), np.diff(offsets))
+    flat += genes
+    dense.reshape(-1)[flat] = tokens
+    dense[:, -1] = APPENDED_TOKEN
+    return dense
 
 
 def _column(batch: Any, name: str) -> list[Any]:
@@ -340,14 +362,14 @@ def cell_dataset(
     batch_size: int = 2048,
     shuffle_files: bool = True,
 ) -> Any:
-    """A Ray Data Dataset of ``{"tokens", "label"}`` rows from an ingested directory.
+    """A Ray Data Dataset of sparse binned cells ``{"gene_idx", "token", "label"}`` from an
+    ingested directory; ``dense_batches`` turns it (or a Ray Train worker's shard of it) into
+    dense model batches.
 
     ``folds`` keeps those folds (e.g. the validation fold), ``exclude_folds`` drops them (e.g.
     training = all folds but one); ``split`` keeps the cells of one ``role`` of a ``CellSplit``
     (applied to each block in the transform). ``batch_size`` is the transform's block of cells
-    (large blocks amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here);
-    iterate with ``iter_torch_batches(batch_size=..., local_shuffle_buffer_size=...,
-    prefetch_batches=4)``, or hand the dataset to a Ray Train trainer.
+    (large blocks amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here).
     """
     import ray.data
     from ray.data.expressions import col
@@ -362,20 +384,212 @@ def cell_dataset(
         dataset = dataset.filter(expr=col("fold").not_in(list(exclude_folds)))
     batcher = CellBatcher(info.n_genes, n_bins, info.labels)
     return dataset.map_batches(
-        _apply,
+        _sparse_rows,
         fn_kwargs={"batcher": batcher, "split": split, "role": role},
         batch_format="pyarrow",
         batch_size=batch_size,
     )
 
 
-def _apply(
+def _sparse_rows(
     batch: Any, batcher: CellBatcher, split: CellSplit | None = None, role: str = "train"
-) -> dict[str, np.ndarray]:
-    """Ray Data task function (a plain function: no actor start-up per pipeline)."""
+) -> Any:
+    """Ray Data task function (a plain function: no actor start-up per pipeline): shard rows ->
+    ``{"gene_idx": list<uint16|int32>, "token": list<uint8>, "label": int64}``, keeping the genes
+    whose token is not 0 (what densifying leaves 0 anyway)."""
+    import pyarrow as pa
+
     if split is not None:
         batch = batch.filter(split.mask(batch, role))
-    return batcher(batch)
+    offsets, genes, tokens = batcher.binned(batch)
+    kept = tokens != 0
+    offsets = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])[offsets].astype(np.int32)
+    gene_type = np.uint16 if batcher.n_genes <= np.iinfo(np.uint16).max + 1 else np.int32
+    genes = genes[kept].astype(gene_type, copy=False)
+    return pa.table(
+        {
+            "gene_idx": pa.ListArray.from_arrays(pa.array(offsets), pa.array(genes)),
+            "token": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens[kept])),
+            "label": pa.array(batcher.encode_labels(_column(batch, "label"))),
+        }
+    )
+
+
+def dense_batches(
+    data: Any,
+    n_genes: int,
+    *,
+    batch_size: int,
+    shuffle_buffer: int | None = None,
+    seed: int | None = None,
+    device: Any = "cpu",
+    prefetch_batches: int = 4,
+) -> Iterator[dict[str, Any]]:
+    """``{"tokens": (b, n_genes + 1) uint8, "label": (b,) int64}`` torch batches on ``device``
+    from a ``cell_dataset`` or a Ray Train worker's ``get_dataset_shard`` of one.
+
+    Ray Data's iterator fetches whole blocks of sparse rows; ``SparseShuffle`` draws each batch's
+    cells at random from a buffer of at least ``shuffle_buffer`` cells (``None``/0: the blocks'
+    order) by index, without copying the buffer; a background thread densifies the chosen rows
+    while the model runs. For a GPU the chosen rows go in pinned memory, are copied without
+    blocking, and are scattered into the dense batch on the device.
+    """
+    import torch
+
+    device = torch.device(device)
+    blocks = (
+        _sparse_block(table)
+        for table in data.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches
+        )
+    )
+    draws = SparseShuffle(batch_size, shuffle_buffer or 0, seed).draws(blocks)
+    if device.type == "cuda":
+        for batch in prefetch((_pinned(gather(draw)) for draw in draws), 2):
+            yield _scatter_on_device(batch, n_genes, device)
+        return
+    yield from prefetch((densify(draw, n_genes) for draw in draws), prefetch_batches)
+
+
+SparseRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # offsets, genes, tokens, labels
+
+
+def _sparse_block(table: Any) -> SparseRows:
+    offsets, genes = _flat_lists(table, "gene_idx")
+    _, tokens = _flat_lists(table, "token")
+    return offsets, genes, tokens, table["label"].to_numpy(zero_copy_only=False)
+
+
+# one batch's cells: (block, the block's rows drawn), grouped by block (the order of cells
+# within a batch does not matter to training)
+Draw = list[tuple[SparseRows, np.ndarray]]
+
+
+class SparseShuffle:
+    """Batches of ``batch_size`` cells drawn at random from a buffer of sparse blocks.
+
+    A batch is drawn once the buffer holds ``shuffle_buffer + batch_size`` cells (or the blocks
+    have run out); a block leaves the buffer when its last cell has been drawn. A draw is only
+    indices into the blocks: each cell's genes are copied once, by ``densify`` into its dense
+    row (or by ``gather`` into a sparse batch). ``shuffle_buffer=0`` keeps the blocks' order.
+    """
+
+    def __init__(self, batch_size: int, shuffle_buffer: int, seed: int | None) -> None:
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.rng = np.random.default_rng(seed)
+
+    def draws(self, blocks: Iterator[SparseRows]) -> Iterator[Draw]:
+        buffer: list[SparseRows] = []
+        block_of = np.zeros(0, dtype=np.int64)  # (cells waiting,) index into buffer
+        row_of = np.zeros(0, dtype=np.int64)
+        exhausted = False
+        while True:
+            while not exhausted and len(row_of) < self.shuffle_buffer + self.batch_size:
+                block = next(blocks, None)
+                if block is None:
+                    exhausted = True
+                    break
+                n = len(block[0]) - 1
+                block_of = np.concatenate([block_of, np.full(n, len(buffer))])
+                row_of = np.concatenate([row_of, np.arange(n)])
+                buffer.append(block)
+            if len(row_of) == 0:
+                return
+            take = min(self.batch_size, len(row_of))
+            if self.shuffle_buffer:
+                chosen = self.rng.choice(len(row_of), size=take, replace=False)
+            else:
+                chosen = np.arange(take)
+            blocks_drawn, rows_drawn = block_of[chosen], row_of[chosen]
+            yield [(buffer[b], rows_drawn[blocks_drawn == b]) for b in np.unique(blocks_drawn)]
+            keep = np.ones(len(row_of), dtype=bool)
+            keep[chosen] = False
+            block_of, row_of = block_of[keep], row_of[keep]
+            buffer, block_of = _drop_drawn_blocks(buffer, block_of)
+
+
+def _row_ranges(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths of ``rows``, the positions of their entries in the flat arrays, row by row)."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    return lengths, np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
+
+
+def gather(draw: Draw) -> SparseRows:
+    """A draw's cells as one CSR batch (offsets, genes, tokens, labels)."""
+    parts = []
+    for (offsets, genes, tokens, labels), rows in draw:
+        lengths, source = _row_ranges(offsets, rows)
+        parts.append((lengths, genes[source], tokens[source], labels[rows]))
+    lengths = np.concatenate([p[0] for p in parts])
+    return (
+        np.concatenate([[0], np.cumsum(lengths)]),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts]),
+    )
+
+
+def densify(draw: Draw, n_genes: int) -> dict[str, Any]:
+    """A draw's cells as dense torch tokens (b, n_genes + 1) uint8 and labels, scattered from
+    the blocks straight into the batch (``scatter_tokens`` without the CSR in between)."""
+    import torch
+
+    width = n_genes + 1
+    n_cells = sum(len(rows) for _, rows in draw)
+    dense = np.zeros((n_cells, width), dtype=np.uint8)
+    flat_dense, labels, first = dense.reshape(-1), np.empty(n_cells, dtype=np.int64), 0
+    for (offsets, genes, tokens, block_labels), rows in draw:
+        lengths, source = _row_ranges(offsets, rows)
+        row_starts = np.arange(first * width, (first + len(rows)) * width, width)  # intp
+        flat_dense[np.repeat(row_starts, lengths) + genes[source]] = tokens[source]
+        labels[first : first + len(rows)] = block_labels[rows]
+        first += len(rows)
+    dense[:, -1] = APPENDED_TOKEN
+    return {"tokens": torch.from_numpy(dense), "label": torch.from_numpy(labels)}
+
+
+def _drop_drawn_blocks(
+    buffer: list[SparseRows], block_of: np.ndarray
+) -> tuple[list[SparseRows], np.ndarray]:
+    """The buffer without blocks whose cells have all been drawn (indices renumbered)."""
+    alive = np.zeros(len(buffer), dtype=bool)
+    alive[block_of] = True
+    if alive.all():
+        return buffer, block_of
+    renumber = np.cumsum(alive) - 1
+    return [b for b, a in zip(buffer, alive, strict=True) if a], renumber[block_of]
+
+
+def _pinned(batch: SparseRows) -> dict[str, Any]:
+    import torch
+
+    offsets, genes, tokens, labels = batch
+    arrays = {
+        "lengths": np.diff(offsets),
+        "genes": genes.astype(np.int32),
+        "values": tokens,
+        "label": labels,
+    }
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).pin_memory() for k, v in arrays.items()}
+
+
+def _scatter_on_device(batch: dict[str, Any], n_genes: int, device: Any) -> dict[str, Any]:
+    """``scatter_tokens`` on the device (a GPU), from pinned sparse rows: (b, n_genes + 1)."""
+    import torch
+
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    lengths, genes = moved["lengths"], moved["genes"]
+    n_cells, width = len(lengths), n_genes + 1
+    starts = torch.arange(0, n_cells * width, width, device=device)
+    flat = torch.repeat_interleave(starts, lengths, output_size=len(genes)) + genes.long()
+    dense = torch.zeros(n_cells * width, dtype=torch.uint8, device=device)
+    dense[flat] = moved["values"]
+    dense = dense.view(n_cells, width)
+    dense[:, -1] = APPENDED_TOKEN
+    return {"tokens": dense, "label": moved["label"]}
 
 
 def _read_columns(split: CellSplit | None) -> list[str]:

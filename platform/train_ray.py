@@ -24,7 +24,7 @@ import torch
 from scbert import ScBert, load_pretrained, load_published, save_pretrained
 from scbert.atomic import copy_directory
 from scbert_platform.ingest import MANIFEST, read_manifest
-from scbert_platform.loader import ShardInfo, cell_dataset, iter_local_batches
+from scbert_platform.loader import ShardInfo, cell_dataset, dense_batches, iter_local_batches
 from scbert_platform.params import Params
 from scbert_platform.splits import CellSplit
 from scbert_platform.training import (
@@ -133,10 +133,13 @@ def train_worker(config: dict[str, Any]) -> None:
     best: dict[str, torch.Tensor] = {}
 
     def epochs(epoch: int) -> Any:
-        batches = shard.iter_torch_batches(
+        batches = dense_batches(
+            shard,
+            info.n_genes,
             batch_size=train.batch_size,
-            local_shuffle_buffer_size=params.data.shuffle_buffer or None,
-            local_shuffle_seed=train.seed + epoch,
+            shuffle_buffer=params.data.shuffle_buffer,
+            seed=train.seed + epoch,
+            device=device,
         )
         return with_timeout(
             batches,

@@ -19,8 +19,15 @@ from scbert_platform.loader import (
     NO_LABEL,
     CellBatcher,
     ShardInfo,
+    SparseShuffle,
+    _pinned,
+    _scatter_on_device,
     cell_dataset,
+    dense_batches,
+    densify,
+    gather,
     iter_local_batches,
+    scatter_tokens,
     shard_files,
 )
 
@@ -88,22 +95,84 @@ def test_local_batches_split_by_fold(pbmc_shards: Path) -> None:
     assert held_out + rest == sum(counts.values())
 
 
+def rows_of(batches: object) -> list[tuple[int, bytes]]:
+    """Every cell of the batches as (label, token bytes), sorted: the cells, whatever order."""
+    rows = []
+    for batch in batches:  # type: ignore[attr-defined]
+        tokens, labels = np.asarray(batch["tokens"]), np.asarray(batch["label"])
+        rows += [(int(y), t.tobytes()) for y, t in zip(labels, tokens, strict=True)]
+    return sorted(rows)
+
+
 @pytest.mark.ray
-def test_ray_pipeline_folds_shapes_and_labels(ray_local: object, pbmc_shards: Path) -> None:
+def test_ray_pipeline_gives_the_local_loaders_cells(ray_local: object, pbmc_shards: Path) -> None:
+    """Sparse rows through Ray Data, shuffled and densified on the consumer: the same cells,
+    tokens and labels as the local (dense, file-order) loader, per fold."""
     info = ShardInfo.read(pbmc_shards)
     counts = read_manifest(pbmc_shards)["folds"]["counts"]
     train = cell_dataset(pbmc_shards, 5, exclude_folds=[0])
     valid = cell_dataset(pbmc_shards, 5, folds=[0])
-    seen = []
-    for batch in valid.iter_torch_batches(batch_size=64, local_shuffle_buffer_size=256):
-        assert batch["tokens"].dtype == torch.uint8
+    batches = list(dense_batches(valid, info.n_genes, batch_size=64, shuffle_buffer=256, seed=1))
+    for batch in batches:
+        assert batch["tokens"].dtype == torch.uint8 and batch["label"].dtype == torch.int64
         assert batch["tokens"].shape[1] == info.n_genes + 1
         assert (batch["tokens"][:, -1] == 0).all()
-        seen.append(batch["label"])
-    assert sum(len(s) for s in seen) == counts["0"]
+    assert [len(b["label"]) for b in batches[:-1]] == [64] * (len(batches) - 1)
+    assert sum(len(b["label"]) for b in batches) == counts["0"]
+    assert rows_of(batches) == rows_of(iter_local_batches(pbmc_shards, 5, folds=[0]))
     assert train.count() == sum(counts.values()) - counts["0"]
-    local = np.concatenate([b["label"] for b in iter_local_batches(pbmc_shards, 5, folds=[0])])
-    np.testing.assert_array_equal(np.sort(torch.cat(seen).numpy()), np.sort(local))
+
+
+def sparse_block(first: int, n: int) -> tuple[np.ndarray, ...]:
+    """n cells whose labels are first..first+n-1 and whose row i holds gene i % 7 (token 1+i%3)."""
+    labels = np.arange(first, first + n)
+    offsets = np.arange(n + 1)
+    return offsets, labels % 7, (1 + labels % 3).astype(np.uint8), labels
+
+
+def test_sparse_shuffle_draws_every_cell_once_from_its_buffer() -> None:
+    blocks = [sparse_block(0, 100), sparse_block(100, 50), sparse_block(150, 130)]
+    plain = [gather(d) for d in SparseShuffle(32, 0, seed=0).draws(iter(blocks))]
+    assert np.concatenate([b[3] for b in plain]).tolist() == list(range(280))
+    shuffled = [gather(d) for d in SparseShuffle(32, 64, seed=0).draws(iter(blocks))]
+    labels = np.concatenate([b[3] for b in shuffled])
+    assert sorted(labels.tolist()) == list(range(280)) and labels.tolist() != list(range(280))
+    assert [len(b[3]) for b in shuffled] == [32] * 8 + [24]
+    # the first batch is drawn once the buffer holds 64 + 32 cells: the first block's 100
+    assert int(shuffled[0][3].max()) < 100
+    for offsets, genes, tokens, y in shuffled:  # each row kept its own genes and tokens
+        assert np.diff(offsets).tolist() == [1] * len(y)
+        assert (genes == y % 7).all() and (tokens == 1 + y % 3).all()
+    again = [gather(d) for d in SparseShuffle(32, 64, seed=0).draws(iter(blocks))]
+    assert all((a[3] == b[3]).all() for a, b in zip(shuffled, again, strict=True))
+    for draw in SparseShuffle(32, 64, seed=0).draws(iter(blocks)):  # the CPU path's scatter
+        offsets, genes, tokens, labels = gather(draw)
+        dense = densify(draw, 7)
+        expected = scatter_tokens(offsets, genes, tokens, 7, dtype=np.uint8)
+        np.testing.assert_array_equal(dense["tokens"].numpy(), expected)
+        np.testing.assert_array_equal(dense["label"].numpy(), labels)
+
+
+def test_device_scatter_equals_the_numpy_scatter(pbmc_shards: Path) -> None:
+    """The GPU path (pinned sparse rows -> scatter on the device), run here on the CPU."""
+    info = ShardInfo.read(pbmc_shards)
+    batcher = CellBatcher(info.n_genes, 5, info.labels)
+    table = pq.read_table(shard_files(pbmc_shards)[0]).slice(0, 40)
+    offsets, genes, tokens = batcher.binned(table)
+    labels = batcher.encode_labels(table.column("label").to_pylist())
+    expected = scatter_tokens(offsets, genes, tokens, info.n_genes, dtype=np.uint8)
+    np.testing.assert_array_equal(expected, batcher(table)["tokens"])
+    batch = (offsets, genes, tokens, labels)
+    pinned = _pinned(batch) if torch.cuda.is_available() else None
+    sparse = pinned or {
+        "lengths": torch.from_numpy(np.diff(offsets)),
+        "genes": torch.from_numpy(genes.astype(np.int32)),
+        "values": torch.from_numpy(tokens),
+        "label": torch.from_numpy(labels),
+    }
+    dense = _scatter_on_device(sparse, info.n_genes, torch.device("cpu"))
+    np.testing.assert_array_equal(dense["tokens"].numpy(), expected)
+    np.testing.assert_array_equal(dense["label"].numpy(), labels)
 
 
 @pytest.mark.ray
