@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV): $(TORCH_SPEC) first (no CUDA build is pulled in), then the project =="
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -qq --disable-pip-version-check "$(TORCH_SPEC)"
+	@$(PY) -m pip install -qq --disable-pip-version-check $(TORCH_SPEC)
 	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 

@@ -81,6 +81,7 @@ class TrainParams:
     grad_clip: float = 100.0  # max gradient norm; 0 = off
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = True
+    compile: bool = False  # torch.compile the training forward (eager if compiling fails)
     log_every: int = 10  # optimiser steps between metric reports (MLflow, Ray Train)
     val_every: int = 50  # optimiser steps between validations
     ckpt_every: int = 50  # optimiser steps between checkpoints

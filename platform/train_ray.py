@@ -28,6 +28,7 @@ from scbert_platform.loader import ShardInfo, cell_dataset, dense_batches, iter_
 from scbert_platform.params import Params
 from scbert_platform.splits import CellSplit
 from scbert_platform.training import (
+    CompiledWithFallback,
     LoopHooks,
     LoopState,
     build_optimizer,
@@ -36,6 +37,7 @@ from scbert_platform.training import (
     evaluate_pretraining,
     finetune_loss,
     model_config,
+    prepare_device,
     pretrain_loss,
     restore_training_state,
     run_loop,
@@ -99,6 +101,7 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    prepare_device(device, train.precision)
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
     info = ShardInfo.read(config["shards"], digests=False)  # fit hashed them before starting
@@ -126,6 +129,8 @@ def train_worker(config: dict[str, Any]) -> None:
             Path(config["pid_dir"], f"rank{rank}.resumed").write_text(str(state.step))
     wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
     no_sync = getattr(wrapped, "no_sync", None)
+    if train.compile:
+        wrapped = CompiledWithFallback(wrapped)
 
     mlflow = _mlflow_client(config) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")

@@ -88,6 +88,63 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def to_device(array: Any, device: torch.device) -> torch.Tensor:
+    """A batch's array as a tensor on ``device``: to a GPU through pinned memory, without
+    blocking the host (the model's kernels queue behind the copy)."""
+    tensor = torch.as_tensor(array)
+    if device.type != "cuda" or tensor.is_cuda:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def prepare_device(device: torch.device, precision: str) -> None:
+    """On CUDA: this worker's GPU becomes the current one (with several workers per node each
+    has its own), and fp32 matrix products may use TF32 unless fp32 was asked for. TF32 only
+    touches what runs outside bf16 autocast, and keeps more mantissa bits (10) than bf16 (7)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    allow = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+class CompiledWithFallback(torch.nn.Module):
+    """``module``'s forward through ``torch.compile``; if compiling fails (no C++ compiler for
+    the CPU backend, an operation the compiler does not take), one warning and eager from then
+    on. Parameters and ``train()`` are the module's own; checkpoints save the module."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        backend: Any = "inductor",
+        log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.log = log
+        # not a submodule: the compiled wrapper holds the same parameters under other names
+        object.__setattr__(self, "compiled", torch.compile(module, backend=backend))
+        self.failed = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)  # type: ignore[operator]
+            except Exception as err:  # Dynamo and Inductor errors share no base class
+                self.failed = True
+                inner = getattr(err, "inner_exception", None) or err.__cause__
+                while isinstance(inner, Exception):  # the backend's own error, not Dynamo's
+                    err, inner = inner, getattr(inner, "inner_exception", None) or inner.__cause__
+                reason = (str(err).strip().splitlines() or [""])[0][:200]
+                self.log(
+                    f"warning: torch.compile failed ({type(err).__name__}: {reason}); "
+                    "training goes on without it (train.compile=false skips the attempt)"
+                )
+        return self.module(*args, **kwargs)
+
+
 def pretrain_loss(
     model: torch.nn.Module,
     batch: Batch,
@@ -98,7 +155,7 @@ def pretrain_loss(
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked reconstruction: (loss, counts for logging)."""
-    tokens = torch.as_tensor(batch["tokens"]).to(device).long()
+    tokens = to_device(batch["tokens"], device).long()
     masked, labels = mask_tokens(
         tokens,
         n_bins=n_bins,
@@ -121,8 +178,8 @@ def finetune_loss(
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cell-type cross-entropy (cells without a known label are ignored)."""
-    tokens = torch.as_tensor(batch["tokens"]).to(device)
-    labels = torch.as_tensor(batch["label"]).to(device).long()
+    tokens = to_device(batch["tokens"], device)
+    labels = to_device(batch["label"], device).long()
     logits = model(tokens)
     loss = F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=-1)
     return loss, {"cells": tokens.shape[0]}
@@ -144,7 +201,7 @@ def evaluate_pretraining(
     generator = torch.Generator(device=device).manual_seed(seed)
     total_loss, correct, counted = 0.0, 0, 0
     for batch in batches:
-        tokens = torch.as_tensor(batch["tokens"]).to(device).long()
+        tokens = to_device(batch["tokens"], device).long()
         masked, labels = mask_tokens(tokens, n_bins=n_bins, generator=generator)
         with autocast(device, precision):
             logits = model(masked).float()
@@ -167,7 +224,7 @@ def predict(
     model.eval()
     labels, probabilities = [], []
     for batch in batches:
-        tokens = torch.as_tensor(batch["tokens"]).to(device)
+        tokens = to_device(batch["tokens"], device)
         with autocast(device, precision):
             logits = model(tokens).float()
         probabilities.append(logits.softmax(-1).cpu().numpy())
@@ -260,7 +317,11 @@ def run_loop(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     started, cells_at_start, window = time.perf_counter(), state.cells, time.perf_counter()
-    losses: list[float] = []
+    # the step's loss stays on the device: reading it (a host sync, which stalls a GPU's queue)
+    # happens only on the steps whose metrics are reported, shown or logged, at most about once
+    # a second otherwise (on a CPU every step is slower than that anyway)
+    step_loss = torch.zeros((), device=device)
+    synced = -math.inf
     micro = 0  # micro-batches since the last optimiser step; accumulation spans epoch ends
     while state.step < total_steps and not state.stopped_early:
         seen = 0
@@ -278,7 +339,7 @@ def run_loop(
             micro += 1
             state.batches_done = index + 1
             state.cells += int(info["cells"])
-            losses.append(float(loss.detach()))
+            step_loss += loss.detach().float() / params.grad_accum
             if not sync:
                 continue
             if params.grad_clip > 0:
@@ -288,21 +349,28 @@ def run_loop(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             now = time.perf_counter()
+            validating = bool(hooks.validate and params.val_every)
+            validating = validating and state.step % params.val_every == 0
+            due = bool(params.ckpt_every and state.step % params.ckpt_every == 0)
+            finished = state.step >= total_steps
+            reporting = due or finished or validating or state.step % max(params.log_every, 1) == 0
+            if not (reporting or now - synced >= 1.0):
+                step_loss.zero_()
+                continue
+            synced = now
             metrics = {
-                "train/loss": float(np.mean(losses)),
+                "train/loss": float(step_loss),
                 "train/lr": float(scheduler.get_last_lr()[0]),
                 "train/cells_per_s": (state.cells - cells_at_start) / max(now - started, 1e-9),
                 "train/epoch": float(state.epoch),
             }
-            losses.clear()
-            if hooks.validate and params.val_every and state.step % params.val_every == 0:
-                metrics |= hooks.validate()
+            step_loss.zero_()
+            if validating:
+                metrics |= hooks.validate()  # type: ignore[misc]
                 _track_best(state, metrics, early_stop_metric, params.patience, on_best)
-            due = bool(params.ckpt_every and state.step % params.ckpt_every == 0)
-            finished = state.step >= total_steps or state.stopped_early
+            finished = finished or state.stopped_early
             state.history.append({"step": float(state.step), **metrics})
-            validated = any(k.startswith("val/") for k in metrics)
-            if due or finished or validated or state.step % max(params.log_every, 1) == 0:
+            if reporting or finished:
                 hooks.report(metrics, due or finished)
             if hooks.is_chief and hooks.progress is not None:
                 hooks.progress(state.step, total_steps, metrics)

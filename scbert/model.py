@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,12 +66,20 @@ class PerformerEncoder(nn.Module):
         self.activation_checkpointing = config.activation_checkpointing
         self.projections_frozen = False
         self.register_buffer("calls_since_redraw", torch.tensor(0))
+        # the counter's value on the host: reading the buffer on every training call would make
+        # each step wait for a GPU (a host sync); None = read it once (at start, after a load)
+        self._calls: int | None = None
 
     def redraw_projections(self, generator: torch.Generator | None = None) -> None:
         """Redraw every block's random projection now and reset the counter."""
         for block in self.blocks:
             cast(Block, block).attn.redraw_projection(generator)
         self.calls_since_redraw.zero_()
+        self._calls = 0
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._calls = None  # the loaded buffer is the count now
+        super()._load_from_state_dict(*args, **kwargs)
 
     def freeze_projections(self, frozen: bool = True) -> None:
         """Keep the current projections in training mode too (or resume the schedule)."""
@@ -81,9 +89,12 @@ class PerformerEncoder(nn.Module):
         interval = self.feature_redraw_interval
         if not self.training or self.projections_frozen or interval is None:
             return
-        if int(self.calls_since_redraw) >= interval:
+        if self._calls is None:
+            self._calls = int(self.calls_since_redraw)
+        if self._calls >= interval:
             self.redraw_projections()
         else:
+            self._calls += 1
             self.calls_since_redraw += 1
 
     def forward(

@@ -8,7 +8,7 @@ Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model
   deployment's arguments and Serve swaps the replicas one by one while the old ones keep serving.
 - Requests are aligned to the panel, checked, normalised and binned by ingest's own functions
   (``scbert_platform.pyfunc.aligned_counts`` / ``panel_tokens``); concurrent requests are merged
-  into one model call by ``@serve.batch``; bf16 autocast on a GPU.
+  into one model call by ``@serve.batch``; bf16 autocast (and TF32 matmuls) on a GPU.
 - Bad input gets a 4xx with ``{"error": {"code", "message", "detail"}}``; nothing a client sends
   takes the replica down. ``SCBERT_API_TOKEN`` in the replica's environment turns on bearer-token
   auth for ``/v1/*`` (constant-time comparison).
@@ -150,6 +150,9 @@ class AnnotatorReplica:
         self.classes = classes
         self.panel = Panel(tuple(panel))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            # safe: the forward pass runs under bf16 autocast; TF32 only reaches fp32 leftovers
+            torch.set_float32_matmul_precision("high")
         self.model.to(self.device)
         self.metrics = ServeMetrics(
             model_name=self.source.name, model_version=self.source.version or "local"

@@ -185,6 +185,21 @@ def test_training_mode_redraws_after_the_interval(make_model: MakeModel) -> None
     assert all(not torch.equal(a, b) for a, b in zip(redrawn, projections(model), strict=True))
 
 
+def test_the_redraw_count_survives_a_state_dict_load(make_model: MakeModel) -> None:
+    """The host keeps the count (no device read per call); a loaded checkpoint's count wins."""
+    model = make_model(depth=1, feature_redraw_interval=3).train()
+    tokens = random_tokens(2, N_GENES, N_BINS)
+    model(tokens)
+    assert int(model.encoder.calls_since_redraw) == 1
+    state = model.state_dict()
+    state["encoder.calls_since_redraw"] = torch.tensor(3)
+    model.load_state_dict(state)
+    start = projections(model)
+    model(tokens)  # 3 calls counted in the checkpoint: this one redraws
+    assert all(not torch.equal(a, b) for a, b in zip(start, projections(model), strict=True))
+    assert int(model.encoder.calls_since_redraw) == 0
+
+
 def test_eval_mode_never_redraws(make_model: MakeModel) -> None:
     model = make_model(feature_redraw_interval=2).eval()
     tokens = random_tokens(2, N_GENES, N_BINS)

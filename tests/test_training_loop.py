@@ -13,6 +13,7 @@ from conftest import build_model, random_tokens, tiny_config
 from scbert_platform.loader import ShardInfo, iter_local_batches
 from scbert_platform.params import TrainParams
 from scbert_platform.training import (
+    CompiledWithFallback,
     LoopHooks,
     LoopState,
     build_optimizer,
@@ -136,6 +137,40 @@ def test_reports_come_every_log_every_steps_and_at_checkpoints() -> None:
     reports: list[tuple[dict[str, float], bool]] = []
     train(setup, lambda epoch: token_batches(5), params, 10, reports=reports)
     assert [due for _, due in reports] == [False, True, False, True, False, True]  # 3 4 6 8 9 10
+
+
+def test_a_reported_loss_is_its_steps_own_whatever_the_reporting_interval() -> None:
+    """The loop keeps the loss on the device between reports (no host sync per step): a step's
+    reported loss is the same whether the steps before it were reported or not."""
+    by_interval = {}
+    for log_every in (1, 3):
+        params = TrainParams(grad_accum=2, ckpt_every=0, val_every=0, log_every=log_every)
+        reports: list[tuple[dict[str, float], bool]] = []
+        train(pretrain_setup(params), lambda epoch: token_batches(5), params, 9, reports=reports)
+        by_interval[log_every] = [m["train/loss"] for m, _ in reports]
+    assert len(by_interval[1]) == 9 and len(by_interval[3]) == 3
+    assert by_interval[3] == pytest.approx(by_interval[1][2::3], abs=1e-6)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails() -> None:
+    model = build_model(tiny_config(), seed=0).eval()
+    tokens = torch.stack([b["tokens"] for b in token_batches(2)]).flatten(0, 1)
+    expected = model(tokens)
+
+    def broken(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    lines: list[str] = []
+    wrapped = CompiledWithFallback(model, backend=broken, log=lines.append)
+    for _ in range(2):
+        torch.testing.assert_close(wrapped(tokens), expected)
+    assert wrapped.failed and len(lines) == 1 and "torch.compile failed" in lines[0]
+    assert "no compiler here" in lines[0]
+    assert list(wrapped.parameters()) == list(model.parameters())  # the optimiser's view
+
+    working = CompiledWithFallback(model, backend="eager", log=lines.append)
+    torch.testing.assert_close(working(tokens), expected)
+    assert not working.failed and len(lines) == 1
 
 
 def test_empty_training_split_is_an_error() -> None:
