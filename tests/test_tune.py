@@ -22,14 +22,15 @@ pytestmark = pytest.mark.ray
 
 
 def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir: Path) -> None:
-    """3 trials one at a time (ASHA on); the driver and its local Ray are SIGKILLed after the
-    first trial finished; --resume runs the other two: no finished trial runs twice, and MLflow
-    holds one parent with one child per trial. (3, not 4: each trial is a Ray Train run of about
-    a minute here, and the suite has a time budget.)"""
+    """2 trials one at a time (ASHA on); the driver and its local Ray are SIGKILLed after the
+    first trial finished; --resume runs the other: no finished trial runs twice, and MLflow
+    holds one parent with one child per trial. (2: each trial is a Ray Train run of about a
+    minute here, and the suite has a time budget; one before the kill and one after is what
+    restoring needs.)"""
     params = tiny_params(workdir / "runs", max_steps=12, val_every=3, ckpt_every=3)
     params.dump(workdir / "params.yaml")
     (workdir / "spec.yaml").write_text(
-        "search: random\nnum_samples: 3\nscheduler: asha\ngrace_period: 2\n"
+        "search: random\nnum_samples: 2\nscheduler: asha\ngrace_period: 2\n"
         "space:\n  model.n_bins: [3, 5, 7]\n  train.lr: {loguniform: [3.0e-4, 3.0e-3]}\n"
     )
     common = ["--spec", "spec.yaml", "--max-concurrent", "1", "--params", "params.yaml"]
@@ -75,12 +76,12 @@ def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir
     for e in events:
         if e["event"] == "start":
             starts[e["trial_id"]] = starts.get(e["trial_id"], 0) + 1
-    assert len(starts) == 3
+    assert len(starts) == 2 and len(finished_before) == 1
     for trial in finished_before:
         assert starts[trial] == 1, f"finished trial {trial} ran again: {events}"
 
     table = resumed.stdout
-    assert table.count("| finished |") + table.count("| stopped early |") == 3, table
+    assert table.count("| finished |") + table.count("| stopped early |") == 2, table
     assert table.count("| finished |") >= 1  # ASHA keeps at least the rung's best
 
     c = mlflow_client(workdir)
