@@ -54,7 +54,9 @@ LONG_TESTS := tests/test_tune.py tests/test_cv.py tests/test_tutorial.py tests/t
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(LONG_TESTS) tests
 
+# the benchmarks' own extra: model_speed's anchor (performer-pytorch), side by side in one run
 bench: setup
+	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/model_speed.py
 	$(PY) bench/loader_speed.py
 	@test -d data/models/finetune || { echo "bench/serve_load.py needs the demo model: make demo first"; exit 1; }

