@@ -1,0 +1,47 @@
+"""bench/gpu_check.sh in its CPU smoke mode: every part runs (model speed, Ray Train with a
+resumed run, Ray Serve under load, distributed annotation) and the report says so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
+
+PARTS = ("speed", "train", "serve", "annotate")
+
+
+def test_quick_cpu_check_runs_every_part(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["bash", REPO_ROOT / "bench/gpu_check.sh", "--device", "cpu", "--quick", "--out", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"report: {tmp_path}/report.md" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    parts = report["parts"]
+    assert set(parts) == set(PARTS) and report["ok"]
+    assert {name: parts[name]["status"] for name in PARTS} == dict.fromkeys(PARTS, "ok"), parts
+
+    speed = parts["speed"]["figures"]
+    assert speed["rows"] and all(row["cells_per_s"] > 0 for row in speed["rows"])
+    assert speed["model_speed"]["quick"] is True  # the embedded JSON, as model_speed wrote it
+    train = parts["train"]["figures"]
+    assert train["cells_per_s"] > 0 and train["resumed_from_step"] > 0
+    assert train["same_mlflow_run"] and train["runs"][1]["steps"] > train["runs"][0]["steps"]
+    serve = parts["serve"]["figures"]
+    assert serve["device"] == "cpu" and serve["model_info"]["device"] == "cpu"
+    assert serve["cells_per_s"] > 0 and all(row["failed"] == 0 for row in serve["load"])
+    assert all(0 < row["p50_ms"] <= row["p99_ms"] for row in serve["load"])
+    annotate = parts["annotate"]["figures"]
+    assert annotate["n_cells"] > 0 and annotate["cells_per_s"] > 0
+
+    markdown = (tmp_path / "report.md").read_text()
+    for name in PARTS:
+        assert sum(line.startswith(f"| {name}: ") for line in markdown.splitlines()) == 1
