@@ -20,7 +20,7 @@ def test_quick_cpu_check_runs_every_part(tmp_path: Path) -> None:
         ["bash", REPO_ROOT / "bench/gpu_check.sh", "--device", "cpu", "--quick", "--out", tmp_path],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"report: {tmp_path}/report.md" in done.stdout
