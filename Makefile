@@ -45,16 +45,16 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Three pytest processes, whole files each (a file's tests keep their order and module
-# fixtures): the suite spends most of its time waiting on Ray's and Tune's actors to start, not
-# computing (on 2026-11-28, 12.7 CPU-minutes in 20 minutes of 2 processes on 2 cores), so a third
-# process fills the waits. The longest files are named first, so that no process is left with
-# one of them at the end.
+# Two pytest processes, whole files each (a file's tests keep their order and module fixtures):
+# the suite spends most of its time waiting on Ray's and Tune's actors, not computing (on
+# 2026-11-27, 12 CPU-minutes in 26 minutes of one process on 2 cores). The longest files are
+# named first, so that neither process is left with one of them at the end. (Three processes,
+# tried 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
 LONG_TESTS := tests/test_tune.py tests/test_cv.py tests/test_tutorial.py tests/test_train_ray.py \
 	tests/test_dvc.py tests/test_gpu_check.py tests/test_serve.py tests/test_console.py \
 	tests/test_annotation.py
 test: lint
-	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder $(LONG_TESTS) tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(LONG_TESTS) tests
 
 # the benchmarks' own extra: model_speed's anchor (performer-pytorch), side by side in one run
 bench: setup
