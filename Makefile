@@ -50,9 +50,9 @@ format: setup
 # 2026-11-27, 12 CPU-minutes in 26 minutes of one process on 2 cores). The longest files are
 # named first, so that neither process is left with one of them at the end. (Three processes,
 # tried 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
-LONG_TESTS := tests/test_tune.py tests/test_cv.py tests/test_tutorial.py tests/test_train_ray.py \
-	tests/test_dvc.py tests/test_gpu_check.py tests/test_serve.py tests/test_console.py \
-	tests/test_annotation.py
+LONG_TESTS := tests/test_cv.py tests/test_tutorial.py tests/test_dvc.py tests/test_train_ray.py \
+	tests/test_train_faults.py tests/test_tune.py tests/test_gpu_check.py tests/test_serve.py \
+	tests/test_console.py tests/test_annotation.py
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(LONG_TESTS) tests
 

@@ -1,0 +1,98 @@
+"""Ray Train's recovery: a killed worker replaced and its run resumed from the last checkpoint,
+and a stopped run resumed by name from the CLI. (Apart from tests/test_train_ray.py so that the
+suite's two processes can run the two files side by side.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import scbert_cli, tiny_params
+from test_train_ray import mlflow_run
+
+from scbert.atomic import copy_directory
+from scbert_platform.train_ray import TrainingError, fit
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_training_resumes(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=2, max_steps=24, ckpt_every=4, log_every=1)
+    pids = workdir / "pids"
+    pids.mkdir()
+    killed: list[int] = []
+
+    def registered_checkpoints() -> int:
+        """Checkpoints Ray Train has registered (a checkpoint_* folder appears earlier, while it
+        is still being written; a kill then restarts from scratch, as it should)."""
+        snapshot = workdir / "runs" / "kill" / "checkpoint_manager_snapshot.json"
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def kill_rank1_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pid_file = pids / "rank1.pid"
+            if registered_checkpoints() and pid_file.is_file():
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = fit(
+        "finetune", pbmc_shards, params, run_name="kill", extra_config={"pid_dir": str(pids)}
+    )
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    resumed = [int(p.read_text()) for p in pids.glob("rank*.resumed")]
+    assert resumed and min(resumed) >= 4 and min(resumed) % 4 == 0  # from a checkpoint
+    assert result.steps == 24
+    client, run = mlflow_run(workdir, result.mlflow_run_id)
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert steps == set(range(1, 25))  # nothing lost beyond the last checkpoint
+
+
+def test_a_stopped_run_is_resumed_by_name(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    params = tiny_params(workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4)
+    first = fit("pretrain", pbmc_shards, params, run_name="long")
+    assert first.steps == 4
+    with pytest.raises(TrainingError, match="--resume long"):
+        fit("pretrain", pbmc_shards, params, run_name="long")
+    with pytest.raises(TrainingError, match="no run other"):
+        fit("pretrain", pbmc_shards, params, run_name="other", resume=True)
+
+    # a longer budget for the same run, resumed as a user would, with --verbose: the Ray
+    # workers' own lines come back (a default run keeps them in the logs: tests/test_dvc.py)
+    params.train.max_steps = 8
+    params.dump(workdir / "params.yaml")
+    # --out over the 4-step model an earlier run copied there: replaced by the 8-step one
+    weights = Path(first.checkpoint) / "model.safetensors"
+    four_steps = weights.read_bytes()
+    copy_directory(first.checkpoint, workdir / "model", kind="checkpoint")
+    second = scbert_cli(
+        workdir, "--verbose", "pretrain", str(pbmc_shards), "--resume", "long", "--out", "model"
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = (workdir / "model" / "model.safetensors").read_bytes()
+    assert out == weights.read_bytes() != four_steps and "model: model" in second.stderr
+    assert second.stdout.startswith("pretrain long: 8 steps; train/loss")
+    assert "pretrain: resumed from step 4 (epoch 0)" in second.stderr
+    assert "pretrain: 8/8 steps (100%)" in second.stderr  # the bar, as plain lines
+    assert "(RayTrainWorker" in second.stderr and "step 8/8 epoch" in second.stderr  # worker
+    # the same MLflow run continues
+    assert f"MLflow run {first.mlflow_run_id} (experiment scbert-pretrain)" in second.stderr
