@@ -445,7 +445,7 @@ def dense_batches(
     )
     draws = SparseShuffle(batch_size, shuffle_buffer or 0, seed).draws(blocks)
     if device.type == "cuda":
-        for batch in prefetch((_pinned(gather(draw)) for draw in draws), 2):
+        for batch in prefetch((sparse_tensors(gather(draw), pin=True) for draw in draws), 2):
             yield _scatter_on_device(batch, n_genes, device)
         return
     yield from prefetch((densify(draw, n_genes) for draw in draws), prefetch_batches)
@@ -563,7 +563,9 @@ def _drop_drawn_blocks(
     return [b for b, a in zip(buffer, alive, strict=True) if a], renumber[block_of]
 
 
-def _pinned(batch: SparseRows) -> dict[str, Any]:
+def sparse_tensors(batch: SparseRows, *, pin: bool) -> dict[str, Any]:
+    """A CSR batch as the tensors ``_scatter_on_device`` takes; ``pin``: in pinned memory (for
+    a non-blocking copy to a GPU)."""
     import torch
 
     offsets, genes, tokens, labels = batch
@@ -573,7 +575,8 @@ def _pinned(batch: SparseRows) -> dict[str, Any]:
         "values": tokens,
         "label": labels,
     }
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).pin_memory() for k, v in arrays.items()}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
 
 
 def _scatter_on_device(batch: dict[str, Any], n_genes: int, device: Any) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from scbert_platform.loader import (
     CellBatcher,
     ShardInfo,
     SparseShuffle,
-    _pinned,
     _scatter_on_device,
     cell_dataset,
     dense_batches,
@@ -29,6 +28,7 @@ from scbert_platform.loader import (
     iter_local_batches,
     scatter_tokens,
     shard_files,
+    sparse_tensors,
 )
 
 
@@ -162,14 +162,7 @@ def test_device_scatter_equals_the_numpy_scatter(pbmc_shards: Path) -> None:
     labels = batcher.encode_labels(table.column("label").to_pylist())
     expected = scatter_tokens(offsets, genes, tokens, info.n_genes, dtype=np.uint8)
     np.testing.assert_array_equal(expected, batcher(table)["tokens"])
-    batch = (offsets, genes, tokens, labels)
-    pinned = _pinned(batch) if torch.cuda.is_available() else None
-    sparse = pinned or {
-        "lengths": torch.from_numpy(np.diff(offsets)),
-        "genes": torch.from_numpy(genes.astype(np.int32)),
-        "values": torch.from_numpy(tokens),
-        "label": torch.from_numpy(labels),
-    }
+    sparse = sparse_tensors((offsets, genes, tokens, labels), pin=torch.cuda.is_available())
     dense = _scatter_on_device(sparse, info.n_genes, torch.device("cpu"))
     np.testing.assert_array_equal(dense["tokens"].numpy(), expected)
     np.testing.assert_array_equal(dense["label"].numpy(), labels)
