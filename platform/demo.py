@@ -103,13 +103,20 @@ def main(argv: list[str] | None = None) -> None:
         print(Path(args.sweep_report).read_text().rstrip())
     if args.cv_report:
         header("registry: the CV run's model, registered and past the gate")
-        name, decision = register_and_promote(Path(args.cv_report))
+        name, decision, has_champion = register_and_promote(Path(args.cv_report))
         summary += [
             f"5-fold CV on the same folds ({Path(args.cv_report).with_suffix('.md')}):",
             *cv_table(Path(args.cv_report)),
             decision,
         ]
-        if args.serve and args.cells_dir:
+        if args.serve and args.cells_dir and not has_champion:
+            nothing = (
+                f"endpoint: not served, {name} has no champion (the gate refused the CV model; "
+                f'scbert promote {name} --force "REASON" serves it anyway)'
+            )
+            print(nothing)
+            summary.append(nothing)
+        elif args.serve and args.cells_dir:
             header(f"serving {name}@champion over HTTP with Ray Serve on 127.0.0.1")
             summary.append(
                 serve_and_annotate(args.cells_dir, name, Path(args.cv_report), args.params)
@@ -200,10 +207,11 @@ def tracked(report: Path) -> bool:
         return False
 
 
-def register_and_promote(cv_report: Path) -> tuple[str, str]:
+def register_and_promote(cv_report: Path) -> tuple[str, str, bool]:
     """Register the CV run's model (once per run) and promote it if it passes the gate; a
-    refusal is reported, not an error: the gate doing its job is part of the demo. Returns the
-    registered name and the gate's decision in one line."""
+    refusal is reported, not an error: the gate doing its job is part of the demo (on a fresh
+    registry it leaves no champion to serve). Returns the registered name, the gate's decision
+    in one line, and whether the name has a champion."""
     from scbert_platform.tracking import registry_client
     from scbert_tune.registry import CHAMPION, GateRefused, promote, register
 
@@ -223,13 +231,18 @@ def register_and_promote(cv_report: Path) -> tuple[str, str]:
         gate = f"promoted: {move.reason}"
     except GateRefused as refused:
         gate = f"not promoted, the gate refused: {refused}"
-    champion = client.get_model_version_by_alias(name, CHAMPION)
-    decision = (
-        f"champion: {name}@{CHAMPION} = version {champion.version} (cv/macro_f1 "
-        f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}); version {version}: {gate}"
-    )
+    held = client.get_registered_model(name).aliases.get(CHAMPION)
+    if held is None:
+        decision = f"champion: none; version {version}: {gate}"
+    else:
+        champion = client.get_model_version(name, held)
+        decision = (
+            f"champion: {name}@{CHAMPION} = version {champion.version} (cv/macro_f1 "
+            f"{float(champion.tags.get('metric.cv/macro_f1', 'nan')):.3f}); version {version}: "
+            f"{gate}"
+        )
     print(decision)
-    return str(name), decision
+    return str(name), decision, held is not None
 
 
 def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: str) -> str:

@@ -11,6 +11,8 @@ from conftest import finetuned_run
 
 from scbert_platform import tracking
 from scbert_tune.registry import (
+    BASELINE_METRIC,
+    BASELINE_TAG,
     CHALLENGER,
     CHAMPION,
     GateRefused,
@@ -24,6 +26,17 @@ def version_of(alias: str) -> Any:
     from scbert_platform.tracking import registry_client
 
     return registry_client().get_model_version_by_alias("scbert-toy", alias)
+
+
+def with_baseline(run_id: str, macro_f1: float, kind: str = "logreg") -> str:
+    """The run as ``scbert cv --baseline`` leaves its parent: the best baseline's mean macro F1
+    on the same folds, and its name."""
+    from scbert_platform.tracking import registry_client
+
+    client = registry_client()
+    client.log_metric(run_id, BASELINE_METRIC, macro_f1)
+    client.set_tag(run_id, BASELINE_TAG, kind)
+    return run_id
 
 
 def test_register_promote_refuse_force_and_rollback(workdir: Path) -> None:
@@ -52,6 +65,40 @@ def test_register_promote_refuse_force_and_rollback(workdir: Path) -> None:
     forced = promote("scbert-toy", force_reason="hotfix for a mislabelled class")
     assert forced.version == "4"
     assert version_of(CHAMPION).tags["scbert.forced"] == "hotfix for a mislabelled class"
+
+
+def test_gate_holds_the_challenger_to_the_best_baseline(workdir: Path) -> None:
+    """Strictly below the best baseline's CV macro F1 on the same folds refuses (no tolerance);
+    at or above it passes; --force overrides and is recorded."""
+    register(with_baseline(finetuned_run(workdir, 0.70), 0.682))
+    assert version_of(CHALLENGER).tags[BASELINE_TAG] == "logreg"
+    assert version_of(CHALLENGER).tags[f"metric.{BASELINE_METRIC}"] == "0.682"
+    above = promote("scbert-toy")
+    assert above.version == "1" and above.reason.endswith("best baseline (logreg) 0.6820")
+
+    register(with_baseline(finetuned_run(workdir, 0.695, seed=1), 0.70, kind="knn"))
+    with pytest.raises(GateRefused) as refused:  # within the champion's tolerance, not knn's
+        promote("scbert-toy")
+    message = str(refused.value)
+    assert "cv/macro_f1 0.6950 is below the best baseline's (knn) 0.7000 on the same folds" in (
+        message
+    )
+    assert "champion's" not in message and str(version_of(CHAMPION).version) == "1"
+    forced = promote("scbert-toy", force_reason="knn is not deployable here")
+    assert (forced.version, forced.reason) == ("2", "forced: knn is not deployable here")
+    assert version_of(CHAMPION).tags["scbert.forced"] == "knn is not deployable here"
+
+    register(with_baseline(finetuned_run(workdir, 0.70, seed=2), 0.70))  # at the baseline
+    assert promote("scbert-toy").version == "3"
+
+
+def test_gate_without_a_baseline_figure_says_nothing_of_baselines(workdir: Path) -> None:
+    """A CV run without baselines (or registered before they were logged) is not refused for
+    want of one, and its promotion claims no comparison with one."""
+    register(finetuned_run(workdir, 0.30))
+    move = promote("scbert-toy")
+    assert move.version == "1" and "baseline" not in move.reason
+    assert BASELINE_TAG not in version_of(CHAMPION).tags
 
 
 def test_a_run_is_registered_once(workdir: Path) -> None:

@@ -5,8 +5,11 @@ Registered models are named ``scbert-<dataset>``. ``register`` adds a version an
 
 1. the challenger has the gate metric (``tune.gate_metric``, 5-fold CV macro F1 by default) and
    it is not below the champion's by more than ``tune.gate_tolerance``;
-2. both were evaluated on the same dataset manifest and gene panel;
-3. the challenger answers a smoke prediction on its stored input example.
+2. its CV macro F1 is not below the best baseline's on the same folds (``scbert cv --baseline``:
+   ``cv/baseline_macro_f1``, no tolerance); a CV run without baselines has no such figure, and
+   this rule then says nothing;
+3. both were evaluated on the same dataset manifest and gene panel;
+4. the challenger answers a smoke prediction on its stored input example.
 
 Otherwise it refuses and says why; ``force`` skips the gate with a reason that is recorded.
 ``rollback`` moves ``champion`` back to the version it replaced. Every alias move is recorded on
@@ -35,6 +38,8 @@ FORCED_TAG = "scbert.forced"
 MOVE_TAG = "scbert.last_alias_move"  # on the registered model: the latest move, begun or done
 INTERRUPTED_NOTE = " (finished now: the command that began it was stopped half-way)"
 SOURCE_TAGS = ("scbert.manifest_sha256", "scbert.panel_sha256", "scbert.source_sha256")
+BASELINE_METRIC = "cv/baseline_macro_f1"  # the best baseline's mean macro F1 on the CV's folds
+BASELINE_TAG = "scbert.cv_best_baseline"  # its name, e.g. logreg
 
 
 class GateRefused(RuntimeError):
@@ -63,7 +68,7 @@ def register(run_id: str, *, name: str | None = None) -> AliasMove:
             "finetune logs the model), not a pretraining one"
         )
     name = name or f"scbert-{run.data.tags.get('scbert.dataset', 'model')}"
-    tags = {key: run.data.tags[key] for key in SOURCE_TAGS if key in run.data.tags}
+    tags = {key: run.data.tags[key] for key in (*SOURCE_TAGS, BASELINE_TAG) if key in run.data.tags}
     commit = run.data.tags.get("mlflow.source.git.commit")
     if commit:
         tags["scbert.git_commit"] = commit
@@ -222,6 +227,13 @@ def gate(
                 f"{metric} {new:.4f} is below the champion's (version {champion.version}) "
                 f"{old:.4f} by more than the tolerance {tolerance:g}"
             )
+    baseline = _versus_baseline(challenger)
+    if baseline is not None and baseline[0] < baseline[1]:
+        mine, best, kind = baseline
+        problems.append(
+            f"cv/macro_f1 {mine:.4f} is below the best baseline's{kind} {best:.4f} on the same "
+            "folds (train it further, or promote with --force REASON)"
+        )
     if champion is not None:
         for tag in ("scbert.manifest_sha256", "scbert.panel_sha256"):
             if challenger.tags.get(tag) != champion.tags.get(tag):
@@ -232,6 +244,18 @@ def gate(
                 )
     problems += smoke_test(name, str(challenger.version))
     return problems
+
+
+def _versus_baseline(version: Any) -> tuple[float, float, str] | None:
+    """(the version's ``cv/macro_f1``, the best baseline's on the same folds, `` (its name)``),
+    or None when its CV run had no baselines (registered before they were logged, or run
+    without ``--baseline``)."""
+    mine = version.tags.get("metric.cv/macro_f1")
+    best = version.tags.get(f"metric.{BASELINE_METRIC}")
+    if mine is None or best is None:
+        return None
+    kind = version.tags.get(BASELINE_TAG)
+    return float(mine), float(best), f" ({kind})" if kind else ""
 
 
 def smoke_test(name: str, version: str) -> list[str]:
@@ -284,6 +308,9 @@ def promote(
                 f"version {challenger.version} not promoted:\n- " + "\n- ".join(problems)
             )
         reason = f"passed the gate on {metric} (tolerance {tolerance:g})"
+        baseline = _versus_baseline(challenger)
+        if baseline is not None:
+            reason += f", not below the best baseline{baseline[2]} {baseline[1]:.4f}"
     version = str(challenger.version)
     return _move(client, name, CHAMPION, version, reason, "promote", forced=force_reason)
 
