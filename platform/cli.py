@@ -569,7 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
         "in turn)",
     )
     cv.add_argument(
-        "--threshold", type=float, default=0.5, help="novel-type: Unassigned below this probability"
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="Unassigned below this probability (novel-type scores; the calibration table's "
+        "selective accuracy)",
     )
     cv.add_argument(
         "--from-scratch", action="store_true", help="no pretrained weights, everything trained"

@@ -91,6 +91,97 @@ def classification_report(
 
 
 @torch.no_grad()
+def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
+    """ECE: the cells' |accuracy - confidence| per equal-width confidence bin, weighted by the
+    bin's share of cells (top-class probability; cells with label -1 skipped)."""
+    known = np.asarray(y_true) >= 0
+    proba, y_true = np.asarray(proba)[known], np.asarray(y_true)[known]
+    if len(y_true) == 0:
+        return float("nan")
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    which = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def reliability_bins(
+    proba: np.ndarray, y_true: np.ndarray, n_bins: int = 10
+) -> list[dict[str, float]]:
+    """Per confidence bin: its range, cells, mean confidence and accuracy (the reliability
+    diagram's points)."""
+    known = np.asarray(y_true) >= 0
+    proba, y_true = np.asarray(proba)[known], np.asarray(y_true)[known]
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    which = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        in_bin = which == b
+        if in_bin.any():
+            out.append(
+                {
+                    "low": b / n_bins,
+                    "high": (b + 1) / n_bins,
+                    "n": int(in_bin.sum()),
+                    "confidence": float(confidence[in_bin].mean()),
+                    "accuracy": float(correct[in_bin].mean()),
+                }
+            )
+    return out
+
+
+def selective_scores(proba: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, float]:
+    """At ``threshold`` (a cell is Unassigned below it): the share of cells kept, accuracy on the
+    kept cells, and the Unassigned rate among the cells the top class gets right and wrong."""
+    known = np.asarray(y_true) >= 0
+    proba, y_true = np.asarray(proba)[known], np.asarray(y_true)[known]
+    kept = proba.max(axis=1) >= threshold
+    correct = proba.argmax(axis=1) == y_true
+
+    def share(mask: np.ndarray, of: np.ndarray) -> float:
+        return float(mask[of].mean()) if of.any() else float("nan")
+
+    return {
+        "kept": float(kept.mean()) if len(kept) else float("nan"),
+        "accuracy_kept": share(correct, kept),
+        "unassigned_correct": share(~kept, correct),
+        "unassigned_wrong": share(~kept, ~correct),
+    }
+
+
+def reliability_png(
+    curves: dict[str, list[dict[str, float]]], path: str | Path, *, title: str
+) -> Path:
+    """A reliability diagram: accuracy against confidence per bin, one line per curve (e.g.
+    before and after calibration), the diagonal for reference."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfect")
+    for name, points in curves.items():
+        ax.plot(
+            [p["confidence"] for p in points],
+            [p["accuracy"] for p in points],
+            marker="o",
+            label=name,
+        )
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", title=title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def masked_token_accuracy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 ) -> tuple[float, int]:

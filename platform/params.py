@@ -33,6 +33,9 @@ class ModelParams:
     nb_features: int | None = None  # None: int(dim_head * ln(dim_head)), as published
     gene_embedding: str = "gene2vec"  # gene2vec | learned
     gene2vec: str = ""  # path to a .npy (panel order) or Gene2vec text file
+    # the cell-type head's per-gene activation: leaky_relu (slope 0.2; cannot die) | relu (as
+    # published, which collapses some fine-tuning runs to one class: docs/training.md)
+    head_activation: str = "leaky_relu"
 
 
 @dataclass
@@ -57,6 +60,9 @@ class DataParams:
     shard_mb: float = 96.0  # target Parquet shard size (MiB)
     chunk_cells: int = 20_000  # cells per read task
     shuffle_buffer: int = 4096  # local shuffle buffer of the training loader (cells)
+    # a training worker keeps its first epoch's sparse rows in memory up to this size and replays
+    # them in later epochs (0: read through Ray Data every epoch)
+    epoch_cache_mb: float = 512.0
 
 
 @dataclass
@@ -89,6 +95,11 @@ class TrainParams:
     replace_prob: float = 0.9
     unfreeze: str = "published"  # fine-tuning: published | all | last_k:N
     class_weights: bool = False  # fine-tuning: inverse-frequency class weights in the loss
+    loss: str = "ce"  # fine-tuning: ce | focal | ldam_drw (docs/training.md, "Losses")
+    label_smoothing: float = 0.0  # fine-tuning: cross-entropy label smoothing (ce only)
+    calibrate: bool = True  # fine-tuning: temperature scaling fitted on the validation split
+    collapse_check: bool = True  # fine-tuning: a kept model predicting one class fails the run
+    collapse_retries: int = 1  # fine-tuning: runs again with another seed when it collapses
     patience: int = 5  # fine-tuning: validations without a better val macro F1 before stopping
     val_fold: int = 1  # fine-tuning: fold for validation (early stopping, checkpoint choice);
     # -1 = an inner split: val_fraction of the cells outside the test fold, by a seeded hash

@@ -8,6 +8,7 @@ The loop itself is ``scbert_platform.training.run_loop``; this module only conne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -19,19 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scbert import ScBert, load_pretrained, load_published, save_pretrained
 from scbert.atomic import copy_directory
+from scbert.config import CLS_ACTIVATIONS
 from scbert_platform.ingest import MANIFEST, read_manifest
-from scbert_platform.loader import ShardInfo, cell_dataset, dense_batches, iter_local_batches
+from scbert_platform.loader import (
+    EpochCache,
+    ShardInfo,
+    cell_dataset,
+    dense_batches,
+    iter_local_batches,
+)
 from scbert_platform.params import Params
 from scbert_platform.splits import CellSplit
 from scbert_platform.training import (
+    LOSSES,
+    ClassLoss,
     CompiledWithFallback,
     LoopHooks,
     LoopState,
     build_optimizer,
+    class_counts,
     class_weights,
     evaluate_classifier,
     evaluate_pretraining,
@@ -51,6 +63,10 @@ MODEL_DIR = "model"  # in a Ray Train checkpoint: our checkpoint directory
 STATE_FILE = "train_state.pt"  # optimiser, schedule, loop position, RNG
 MLFLOW_RUN_FILE = "mlflow_run_id"
 CHECKPOINT_TAG = "scbert.checkpoint"  # on a run: the directory of its final (best) model
+
+
+CALIBRATION_FILE = "calibration.json"
+FAILURE_TAG = "scbert.failure"
 
 
 class TrainingError(RuntimeError):
@@ -79,7 +95,7 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
     if config["task"] == "finetune" and source:
         model = _load_init_from(Path(source))  # checked by fit (check_init_from) beforehand
         model.encoder.activation_checkpointing = params.train.activation_checkpointing
-        return model.with_cell_type_head(len(info.labels))
+        return model.with_cell_type_head(len(info.labels), activation=params.model.head_activation)
     cfg = model_config(
         params.model,
         n_genes=info.n_genes,
@@ -133,7 +149,7 @@ def train_worker(config: dict[str, Any]) -> None:
         wrapped = CompiledWithFallback(wrapped)
 
     mlflow = _mlflow_client(config) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    shard = EpochCache(ray.train.get_dataset_shard("train"), params.data.epoch_cache_mb * 2**20)
     n_bins = params.model.n_bins
     best: dict[str, torch.Tensor] = {}
 
@@ -154,8 +170,23 @@ def train_worker(config: dict[str, Any]) -> None:
             "(lower train.cpus_per_worker, or give the cluster more CPUs)",
         )
 
+    validation_cache: list[dict[str, Any]] = []
+
     def validation_batches() -> Any:
-        return iter_local_batches(config["shards"], n_bins, split=split, role="val", batch_size=64)
+        """The validation cells, read once and kept when they are small (as the epochs)."""
+        if validation_cache:
+            return validation_cache
+        batches = iter_local_batches(
+            config["shards"], n_bins, split=split, role="val", batch_size=64, digests=False
+        )
+        kept, size = [], 0
+        for batch in batches:
+            size += batch["tokens"].nbytes
+            if size > params.data.epoch_cache_mb * 2**20:
+                return itertools.chain(kept, [batch], batches)
+            kept.append(batch)
+        validation_cache.extend(kept)
+        return validation_cache
 
     def validate() -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -217,13 +248,19 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
     if task == "finetune":
-        weight = None
-        if train.class_weights:
-            counts = read_manifest(config["shards"])["labels"]["counts"]
-            weight = class_weights(counts, info.labels).to(device)
+        counts = read_manifest(config["shards"])["labels"]["counts"]
+        criterion = ClassLoss(
+            kind=train.loss,
+            class_weight=class_weights(counts, info.labels).to(device)
+            if train.class_weights
+            else None,
+            label_smoothing=train.label_smoothing,
+            counts=class_counts(counts, info.labels).to(device),
+            total_steps=config["total_steps"],
+        )
 
         def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
-            return finetune_loss(m, batch, class_weight=weight, device=device)
+            return finetune_loss(m, batch, loss=criterion, step=state.step, device=device)
 
     else:
 
@@ -408,6 +445,17 @@ def check_params(params: Params, n_folds: int) -> None:
         problems.append(
             f"train.unfreeze must be published, all or last_k:N, not {train.unfreeze!r}"
         )
+    if train.loss not in LOSSES:
+        problems.append(f"train.loss must be one of {', '.join(LOSSES)}, not {train.loss!r}")
+    if not 0 <= train.label_smoothing < 1:
+        problems.append(f"train.label_smoothing must be in [0, 1), not {train.label_smoothing}")
+    if train.collapse_retries < 0:
+        problems.append("train.collapse_retries must be >= 0")
+    if model.head_activation not in CLS_ACTIVATIONS:
+        problems.append(
+            f"model.head_activation must be one of {', '.join(CLS_ACTIVATIONS)}, "
+            f"not {model.head_activation!r}"
+        )
     if train.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"train.precision must be auto, fp32 or bf16, not {train.precision!r}")
     if train.schedule not in ("cosine_restarts", "constant", "linear_warmup"):
@@ -528,7 +576,48 @@ def _trainer(
     )
 
 
+class CollapsedRun(TrainingError):
+    """A fine-tuning run whose kept model predicts one class for every validation cell (or whose
+    loss stopped being finite): failed with the reason, never registered."""
+
+
 def fit(
+    task: str,
+    shards: str | Path,
+    params: Params,
+    **options: Any,
+) -> TrainResult:
+    """Train on Ray and track the run in MLflow (``_fit_once``, whose arguments it takes).
+
+    A fine-tuning run that collapses (``CollapsedRun``: its validation predictions all on one
+    class, or a loss that is not finite) is failed in MLflow with the reason and run again with
+    another seed, up to ``train.collapse_retries`` times, as ``RUN-retryN``."""
+    retries = params.train.collapse_retries if task == "finetune" else 0
+    name = options.pop("run_name", None) or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for attempt in range(retries + 1):
+        tried, run_name = params, name
+        if attempt:
+            tried = Params.from_dict(params.to_dict())
+            tried.train.seed = params.train.seed + 1000 * attempt
+            run_name = f"{name}-retry{attempt}"
+            if options.get("resume"):  # a resumed study: this retry may not have started yet
+                storage = Path(params.train.storage_path)
+                options["resume"] = any((storage / run_name).glob("checkpoint_*"))
+        try:
+            return _fit_once(task, shards, tried, run_name=run_name, **options)
+        except CollapsedRun as err:
+            if attempt == retries:
+                raise
+            seed = params.train.seed + 1000 * (attempt + 1)
+            print(
+                f"warning: {err}; trying again with train.seed={seed} "
+                f"(retry {attempt + 1} of {retries})",
+                file=sys.stderr,
+            )
+    raise AssertionError("unreachable")
+
+
+def _fit_once(
     task: str,
     shards: str | Path,
     params: Params,
@@ -660,7 +749,18 @@ def fit(
             contextlib.nullcontext() if report_to_tune else step_progress(task, total_steps)
         ) as board:
             config["progress_board"] = board
-            result = _trainer(config, train, run_name, storage_path, worker_resources).fit()
+            try:
+                result = _trainer(config, train, run_name, storage_path, worker_resources).fit()
+            except Exception as err:  # Ray Train raises the workers' errors wrapped in its own
+                if "NonFiniteLoss" not in str(err):
+                    raise
+                reason = next(
+                    (line.split("NonFiniteLoss: ", 1)[1] for line in str(err).splitlines()
+                     if "NonFiniteLoss: " in line),
+                    "the training loss is not finite",
+                )  # fmt: skip
+                mlflow.set_tag(FAILURE_TAG, f"collapsed: {reason}")
+                raise CollapsedRun(f"run {run_name} collapsed: {reason}") from None
         if result.checkpoint is None:
             raise TrainingError(f"run {run_name} ended without a checkpoint: {result.error}")
         # the final model beside the run's checkpoints (a local temporary copy for remote storage)
@@ -676,6 +776,10 @@ def fit(
             }
             mlflow.log_metrics(chosen)
             metrics |= chosen
+        if task == "finetune":
+            checked = calibrate_and_check(final / MODEL_DIR, shards, split, params)
+            mlflow.log_metrics(checked)
+            metrics |= checked
         if task == "finetune" and split.has_test:
             metrics |= _log_test_evaluation(final / MODEL_DIR, shards, split, params)
         mlflow.log_artifacts(str(final / MODEL_DIR), "model")
@@ -695,6 +799,72 @@ def fit(
             saved["loop"]["step"],
             model_uri,
         )
+
+
+def calibrate_and_check(
+    model_dir: Path, shards: Path, split: CellSplit, params: Params
+) -> dict[str, float]:
+    """After fine-tuning: the kept model's validation predictions. A model that puts every
+    validation cell in one class (of several present) has collapsed: ``CollapsedRun``, and the
+    run is tagged with the reason. Otherwise, with ``train.calibrate``, temperature scaling is
+    fitted on the validation cells and folded into the head's last layer (logits / T, so every
+    inference path applies it) and recorded in ``calibration.json`` beside the weights.
+    Returns the validation ECE before and after, and the temperature."""
+    import mlflow
+
+    from scbert.atomic import atomic_file
+    from scbert_platform.metrics import expected_calibration_error
+    from scbert_platform.training import fit_temperature, predict
+
+    bundle = load_pretrained(model_dir)
+    batches = iter_local_batches(
+        shards, params.model.n_bins, split=split, role="val", batch_size=64
+    )
+    y_val, proba = predict(bundle.model, batches, device=torch.device("cpu"))
+    known = y_val >= 0
+    predicted = set(proba[known].argmax(axis=1).tolist())
+    present = set(y_val[known].tolist())
+    one_class = len(present) > 1 and len(predicted) == 1 and params.train.collapse_check
+    if not np.isfinite(proba).all() or one_class:
+        what = (
+            "non-finite probabilities"
+            if not np.isfinite(proba).all()
+            else (
+                f"one class ({bundle.labels[predicted.pop()]}) for all {int(known.sum())} "
+                f"validation cells of {len(present)} types"
+            )
+        )
+        mlflow.set_tag(FAILURE_TAG, f"collapsed: the kept model predicts {what}")
+        raise CollapsedRun(f"the kept model predicts {what}")
+    ece_before = expected_calibration_error(proba, y_val)
+    out = {"val/ece_uncalibrated": ece_before}
+    if not params.train.calibrate:
+        return out | {"val/ece": ece_before}
+    logits = np.log(np.clip(proba, 1e-30, None))
+    temperature = fit_temperature(logits, y_val)
+    head = bundle.model.head
+    with torch.no_grad():
+        head.fc3.weight /= temperature
+        head.fc3.bias /= temperature
+    save_pretrained(bundle.model, model_dir, panel=bundle.panel, labels=bundle.labels)
+    calibrated = torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
+    ece_after = expected_calibration_error(calibrated, y_val)
+    record = {
+        "method": "temperature scaling",
+        "temperature": temperature,
+        "fitted_on": f"validation split ({int(known.sum())} cells)",
+        "val_ece_before": ece_before,
+        "val_ece_after": ece_after,
+    }
+    with atomic_file(model_dir / CALIBRATION_FILE) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return out | {"val/ece": ece_after, "calibration/temperature": temperature}
+
+
+def read_calibration(model_dir: str | Path) -> dict[str, Any] | None:
+    """The ``calibration.json`` of a checkpoint directory (None for an uncalibrated model)."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _log_test_evaluation(

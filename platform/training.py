@@ -48,6 +48,7 @@ def model_config(
         heads=model.heads,
         dim_head=model.dim_head,
         n_classes=n_classes,
+        cls_activation=model.head_activation,
         gene_embedding="gene2vec" if gene2vec else "learned",
         activation_checkpointing=checkpointing,
         **extra,  # type: ignore[arg-type]
@@ -170,19 +171,76 @@ def pretrain_loss(
     return loss, {"cells": tokens.shape[0]}
 
 
+LOSSES = ("ce", "focal", "ldam_drw")
+
+
+@dataclass(frozen=True)
+class ClassLoss:
+    """The fine-tuning loss (``train.loss``, docs/training.md "Losses").
+
+    ``ce``: cross-entropy, with ``class_weight`` (``train.class_weights``) and label smoothing.
+    ``focal``: focal loss, gamma 2 (Lin et al. 2017), class-weighted likewise.
+    ``ldam_drw``: label-distribution-aware margins (Cao et al. 2019), margin C / n_c^(1/4) with
+    the largest 0.5 (on our unnormalised logits, so without the paper's scale s=30, which is
+    for cosine classifiers), and deferred re-weighting: the inverse-frequency weights join only
+    for the last ``drw_fraction`` of the steps.
+    """
+
+    kind: str = "ce"
+    class_weight: torch.Tensor | None = None
+    label_smoothing: float = 0.0
+    counts: torch.Tensor | None = None  # cells per class (ldam_drw)
+    total_steps: int = 0
+    drw_fraction: float = 0.2
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+        if self.kind == "ce":
+            return F.cross_entropy(
+                logits,
+                labels,
+                weight=self.class_weight,
+                ignore_index=-1,
+                label_smoothing=self.label_smoothing,
+            )
+        known = labels >= 0
+        logits, labels = logits[known], labels[known]
+        if labels.numel() == 0:
+            return logits.sum() * 0.0  # a batch of unlabelled cells: nothing to learn
+        if self.kind == "focal":
+            log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+            loss = -((1 - log_p.exp()) ** 2) * log_p
+            if self.class_weight is None:
+                return loss.mean()
+            w = self.class_weight[labels]
+            return (loss * w).sum() / w.sum()
+        assert self.counts is not None, "ldam_drw needs the class counts"
+        margins = self.counts.clamp(min=1) ** -0.25
+        margins = margins * (0.5 / margins.max())
+        shifted = logits - margins[None, :] * F.one_hot(labels, logits.shape[1])
+        deferred = step >= int((1 - self.drw_fraction) * self.total_steps)
+        weight = _inverse_frequency(self.counts) if deferred else None
+        return F.cross_entropy(shifted, labels, weight=weight)
+
+
+def _inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
+    present = counts > 0
+    weights = torch.where(present, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    return weights * present.sum() / weights.sum()
+
+
 def finetune_loss(
     model: torch.nn.Module,
     batch: Batch,
     *,
-    class_weight: torch.Tensor | None,
+    loss: ClassLoss,
+    step: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cell-type cross-entropy (cells without a known label are ignored)."""
+    """Cell-type loss (cells without a known label are ignored)."""
     tokens = to_device(batch["tokens"], device)
     labels = to_device(batch["label"], device).long()
     logits = model(tokens)
-    loss = F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=-1)
-    return loss, {"cells": tokens.shape[0]}
+    return loss(logits.float(), labels, step), {"cells": tokens.shape[0]}
 
 
 @torch.no_grad()
@@ -254,12 +312,41 @@ def evaluate_classifier(
     return flat, report
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the negative log-likelihood of
+    ``softmax(logits / T)`` on held-out cells (cells with label -1 are skipped). 1.0 when fewer
+    than two labelled cells are given."""
+    known = labels >= 0
+    if known.sum() < 2:
+        return 1.0
+    z = torch.as_tensor(logits[known], dtype=torch.float64)
+    y = torch.as_tensor(labels[known], dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) else 1.0
+
+
+def class_counts(counts: dict[str, int], labels: list[str]) -> torch.Tensor:
+    """Cells per class, in ``labels`` order (float32)."""
+    return torch.tensor([counts.get(label, 0) for label in labels], dtype=torch.float32)
+
+
 def class_weights(counts: dict[str, int], labels: list[str]) -> torch.Tensor:
     """Inverse-frequency weights, mean 1 over the classes present."""
-    freq = np.array([counts.get(label, 0) for label in labels], dtype=np.float64)
-    weights = np.where(freq > 0, 1.0 / np.maximum(freq, 1), 0.0)
-    weights *= (freq > 0).sum() / weights.sum()
-    return torch.tensor(weights, dtype=torch.float32)
+    return _inverse_frequency(class_counts(counts, labels))
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the run is failed, never registered."""
 
 
 @dataclass
@@ -358,6 +445,11 @@ def run_loop(
                 step_loss.zero_()
                 continue
             synced = now
+            if not math.isfinite(float(step_loss)):
+                raise NonFiniteLoss(
+                    f"the training loss is {float(step_loss)} at step {state.step}: lower "
+                    "train.lr, or set train.grad_clip (1.0 is a safe value)"
+                )
             metrics = {
                 "train/loss": float(step_loss),
                 "train/lr": float(scheduler.get_last_lr()[0]),

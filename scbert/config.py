@@ -9,6 +9,9 @@ from typing import Any, Literal
 GeneEmbeddingKind = Literal["gene2vec", "learned", "none"]
 
 
+CLS_ACTIVATIONS = ("relu", "leaky_relu")
+
+
 def default_nb_features(dim_head: int) -> int:
     """Random features per head in the published Performer: ``int(dim_head * ln(dim_head))``."""
     return int(dim_head * math.log(dim_head))
@@ -40,6 +43,12 @@ class ScBertConfig:
     n_classes: int | None = None  # None: pretraining (reconstruction head)
     cls_hidden: tuple[int, int] = field(default=(512, 128))
     cls_dropout: float = 0.0
+    # the activation of the head's per-gene scalar: "relu" as published, or "leaky_relu" (slope
+    # 0.2), which cannot die. With ReLU, when every gene's scalar is below zero for every cell (at
+    # initialisation for some seeds, or after a few large early steps), the head's input is
+    # constant, no gradient reaches the encoder, and the model predicts one class for good
+    # (docs/training.md, "Collapsed runs")
+    cls_activation: str = "relu"
     gene_embedding: GeneEmbeddingKind = "gene2vec"
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
 
@@ -60,6 +69,8 @@ class ScBertConfig:
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         if self.n_classes is not None and self.n_classes < 2:
             bad.append(f"n_classes={self.n_classes} (need >= 2, or None for pretraining)")
+        if self.cls_activation not in CLS_ACTIVATIONS:
+            bad.append(f"cls_activation={self.cls_activation!r} ({'|'.join(CLS_ACTIVATIONS)})")
         if self.gene_embedding not in ("gene2vec", "learned", "none"):
             bad.append(f"gene_embedding={self.gene_embedding!r} (gene2vec|learned|none)")
         if bad:

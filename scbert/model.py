@@ -139,11 +139,12 @@ class CellTypeHead(nn.Module):
         self.fc2 = nn.Linear(hidden1, hidden2)
         self.fc3 = nn.Linear(hidden2, config.n_classes)
         self.act = nn.ReLU()
+        self.gene_act = nn.LeakyReLU(0.2) if config.cls_activation == "leaky_relu" else self.act
         self.dropout = nn.Dropout(config.cls_dropout)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden layer (b, 128): what the classifier separates the types in."""
-        x = self.act(self.per_gene(x)).squeeze(-1)  # (b, n_genes + 1)
+        x = self.gene_act(self.per_gene(x)).squeeze(-1)  # (b, n_genes + 1)
         x = self.dropout(self.act(self.fc1(x)))
         return self.dropout(self.act(self.fc2(x)))
 
@@ -212,9 +213,13 @@ class ScBert(nn.Module):
         assert sums is not None
         return sums[:, :-1]
 
-    def with_cell_type_head(self, n_classes: int) -> ScBert:
-        """Swap in a fresh cell-type head (n_classes) for fine-tuning; returns self."""
-        self.config = dataclasses.replace(self.config, n_classes=n_classes)
+    def with_cell_type_head(self, n_classes: int, *, activation: str | None = None) -> ScBert:
+        """Swap in a fresh cell-type head (n_classes; ``activation``: its per-gene activation,
+        ``ScBertConfig.cls_activation``, unchanged when None) for fine-tuning; returns self."""
+        change: dict[str, Any] = {"n_classes": n_classes}
+        if activation is not None:
+            change["cls_activation"] = activation
+        self.config = dataclasses.replace(self.config, **change)
         self.head = CellTypeHead(config=self.config).to(self.token_emb.weight.device)
         return self
 

@@ -1,7 +1,8 @@
 """Cross-validation for real: Ray Tune fold trials that are Ray Train runs on the real dataset,
 the CV table next to the baselines on the same folds, its MLflow parent and child runs, the
-registration of a CV run, and leave-one-dataset-out. (In a file of their own so that the suite's
-two processes can run them beside the sweep tests in tests/test_tune.py.)"""
+registration of a CV run and the gate's baseline rule, and leave-one-dataset-out. (In a file of
+their own so that the suite's two processes can run them beside the sweep tests in
+tests/test_tune.py.)"""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
 ) -> None:
     """Fold trials from scratch (tiny model, few steps: the mechanics, not the accuracy), the
     logreg baseline in the same table, every labelled cell tested once, then the CV run is
-    registered with its CV metrics and promoted past the gate. The real cells are ingested in
-    2 folds rather than 5: the same mechanics in 3 fewer trials (the suite's time budget)."""
+    registered with its CV metrics, refused by the gate (below logreg) and forced. The real
+    cells are ingested in 2 folds rather than 5: the same mechanics in 3 fewer trials (the
+    suite's time budget)."""
     from scbert_platform.ingest import ingest
     from scbert_platform.params import DataParams
 
@@ -77,8 +79,17 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert "cv/macro_f1_std" in parent.data.metrics
     assert any(k.startswith("cv/f1/") for k in parent.data.metrics)
     assert "cv/logreg/macro_f1" in parent.data.metrics
+    logreg = groups["logreg"]["macro_f1_mean"]  # the only baseline: the best one
+    assert parent.data.metrics["cv/baseline_macro_f1"] == pytest.approx(logreg)
+    assert parent.data.tags["scbert.cv_best_baseline"] == "logreg"
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"confusion_matrix.png", "cv_report.md", "cv_results.json"} <= artifacts
+    # each fold model calibrated on its validation cells; before/after on the held-out cells
+    assert "reliability.png" in artifacts
+    assert "Calibration on the held-out cells" in result.stdout
+    assert all(f["ece"] >= 0 and "ece_uncalibrated" in f for f in scratch["folds"])
+    assert {"cv/ece", "cv/ece_uncalibrated", "cv/unassigned_correct"} <= set(parent.data.metrics)
+    assert scratch["reliability"]["calibrated"] and scratch["reliability"]["uncalibrated"]
     kids = child_runs(workdir, parent)
     assert sorted(k.data.tags["scbert.cv_held_out"] for k in kids) == [
         f"fold {k}" for k in range(N_FOLDS)
@@ -87,7 +98,11 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
 
     registered = scbert_cli(workdir, "register", summary["mlflow_run_id"])
     assert registered.returncode == 0, registered.stderr
-    promoted = scbert_cli(workdir, "promote", "scbert-pbmc68k")
+    # 6 steps from scratch are far below logreg on the same folds: the gate refuses them
+    assert scratch["macro_f1_mean"] < logreg
+    refused = scbert_cli(workdir, "promote", "scbert-pbmc68k")
+    assert refused.returncode == 2 and "below the best baseline's (logreg)" in refused.stderr
+    promoted = scbert_cli(workdir, "promote", "scbert-pbmc68k", "--force", "the mechanics")
     assert promoted.returncode == 0, promoted.stderr
     version = c.get_model_version_by_alias("scbert-pbmc68k", "champion")
     assert float(version.tags["metric.cv/macro_f1"]) == pytest.approx(scratch["macro_f1_mean"])

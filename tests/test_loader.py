@@ -18,6 +18,7 @@ from scbert_platform.ingest import read_manifest
 from scbert_platform.loader import (
     NO_LABEL,
     CellBatcher,
+    EpochCache,
     ShardInfo,
     SparseShuffle,
     _scatter_on_device,
@@ -121,6 +122,18 @@ def test_ray_pipeline_gives_the_local_loaders_cells(ray_local: object, pbmc_shar
     assert sum(len(b["label"]) for b in batches) == counts["0"]
     assert rows_of(batches) == rows_of(iter_local_batches(pbmc_shards, 5, folds=[0]))
     assert train.count() == sum(counts.values()) - counts["0"]
+
+    # the training worker's epoch cache: the second pass replays the first's blocks (no Ray
+    # Data run), reshuffled by its seed; too small a cache keeps nothing and reads again
+    cached = EpochCache(valid, max_bytes=2**20)
+    first = list(dense_batches(cached, info.n_genes, batch_size=64, shuffle_buffer=256, seed=1))
+    assert cached.blocks is not None and rows_of(first) == rows_of(batches)
+    again = list(dense_batches(cached, info.n_genes, batch_size=64, shuffle_buffer=256, seed=2))
+    assert rows_of(again) == rows_of(batches)
+    assert [b["label"].tolist() for b in again] != [b["label"].tolist() for b in first]
+    tiny = EpochCache(valid, max_bytes=100)
+    assert rows_of(dense_batches(tiny, info.n_genes, batch_size=64)) == rows_of(batches)
+    assert tiny.blocks is None and tiny.too_big
 
 
 def sparse_block(first: int, n: int) -> tuple[np.ndarray, ...]:

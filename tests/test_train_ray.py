@@ -13,7 +13,7 @@ from conftest import tiny_params
 from scbert import load_pretrained
 from scbert_platform.ingest import read_manifest
 from scbert_platform.params import TrainParams
-from scbert_platform.train_ray import TrainingError, check_resources, fit
+from scbert_platform.train_ray import CollapsedRun, TrainingError, check_resources, fit
 
 pytestmark = pytest.mark.ray
 
@@ -56,6 +56,11 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     assert (workdir / "mlartifacts").is_dir() and not (workdir / "mlruns").exists()
 
     bundle = load_pretrained(result.checkpoint)
+    # temperature scaling fitted on the validation cells, folded into the saved head
+    assert (Path(result.checkpoint) / "calibration.json").is_file()
+    assert (
+        result.metrics["calibration/temperature"] > 0 and "val/ece_uncalibrated" in run.data.metrics
+    )
     assert bundle.labels == sorted(manifest["labels"]["counts"])
     assert bundle.model.config.n_classes == 10
 
@@ -76,6 +81,30 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     assert abs(out[columns].to_numpy() - expected).max() < 1e-5
     strict = pyfunc.predict(example, params={"threshold": 1.0})
     assert (strict["cell_type"] == "Unassigned").all()
+
+
+def test_a_collapsed_finetune_fails_is_retried_and_logs_no_model(
+    ray_local: object, pbmc_shards: Path, workdir: Path
+) -> None:
+    """A learning rate of 1e30 makes the first step's weights overflow: the loss is not finite
+    at the second step, the run fails with the reason, runs again with another seed, fails
+    again, and neither run has a model that could be registered. (The other collapse, one class
+    for every validation cell, is tests/test_calibration.py's.)"""
+    params = tiny_params(workdir / "runs", max_steps=4, val_every=4, ckpt_every=4, log_every=1)
+    params.train.lr, params.train.max_failures = 1e30, 0
+    with pytest.raises(CollapsedRun, match="the training loss is nan"):
+        fit("finetune", pbmc_shards, params, run_name="dead")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("scbert-finetune").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["dead", "dead-retry1"]
+    for run in runs:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["scbert.failure"].startswith("collapsed: ")
+        assert "the training loss is nan" in run.data.tags["scbert.failure"]
+        assert "scbert.model_uri" not in run.data.tags and "scbert.checkpoint" not in run.data.tags
+    assert runs[0].data.params["train.seed"] != runs[1].data.params["train.seed"]
 
 
 def test_pretrain_then_finetune_from_its_checkpoint(

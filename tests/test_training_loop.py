@@ -16,6 +16,7 @@ from scbert_platform.training import (
     CompiledWithFallback,
     LoopHooks,
     LoopState,
+    NonFiniteLoss,
     build_optimizer,
     evaluate_pretraining,
     pretrain_loss,
@@ -171,6 +172,17 @@ def test_compile_falls_back_to_eager_when_compiling_fails() -> None:
     working = CompiledWithFallback(model, backend="eager", log=lines.append)
     torch.testing.assert_close(working(tokens), expected)
     assert not working.failed and len(lines) == 1
+
+
+def test_a_loss_that_is_not_finite_stops_the_run() -> None:
+    params = TrainParams(grad_accum=1, ckpt_every=0, val_every=0, log_every=1)
+    model, optimizer, scheduler, _, _ = pretrain_setup(params)
+
+    def nan_loss(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
+        return m(batch["tokens"]).sum() * float("nan"), {"cells": 4}
+
+    with pytest.raises(NonFiniteLoss, match="the training loss is nan at step 1"):
+        train((model, optimizer, scheduler, None, nan_loss), lambda e: token_batches(3), params, 3)
 
 
 def test_empty_training_split_is_an_error() -> None:

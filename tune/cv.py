@@ -236,7 +236,7 @@ def _evaluate_trial(
 
     from scbert import load_pretrained
     from scbert_platform.loader import iter_local_batches
-    from scbert_platform.train_ray import CHECKPOINT_TAG
+    from scbert_platform.train_ray import CHECKPOINT_TAG, read_calibration
     from scbert_platform.training import predict
 
     item = result.config["trial"]
@@ -262,8 +262,39 @@ def _evaluate_trial(
         "excluded": list(split.exclude_labels),
         "y_true": y_true,
         "proba": proba,
+        "temperature": (read_calibration(run.data.tags[CHECKPOINT_TAG]) or {}).get("temperature"),
         "threshold": threshold,
     }
+
+
+def uncalibrated(proba: np.ndarray, temperature: float | None) -> np.ndarray:
+    """The probabilities before temperature scaling: the calibrated model's logits are the
+    original ones over T, so softmax(T * log p) gives the originals back."""
+    if not temperature:
+        return proba
+    z = temperature * np.log(np.clip(proba, 1e-30, None))
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def calibration_scores(
+    y_true: np.ndarray, proba: np.ndarray, temperature: float | None, threshold: float
+) -> dict[str, float]:
+    """ECE after and before calibration, and the selective scores at ``threshold``
+    (``scbert_platform.metrics.selective_scores``), before calibration with ``_uncalibrated``."""
+    from scbert_platform.metrics import expected_calibration_error, selective_scores
+
+    before = uncalibrated(proba, temperature)
+    scores = {
+        "ece": expected_calibration_error(proba, y_true),
+        "ece_uncalibrated": expected_calibration_error(before, y_true),
+    }
+    scores |= selective_scores(proba, y_true, threshold)
+    scores |= {
+        f"{k}_uncalibrated": v for k, v in selective_scores(before, y_true, threshold).items()
+    }
+    return scores
 
 
 def novel_type_scores(
@@ -295,8 +326,22 @@ def novel_type_scores(
     }
 
 
+CALIBRATION_KEYS = (
+    "ece",
+    "ece_uncalibrated",
+    "kept",
+    "accuracy_kept",
+    "unassigned_correct",
+    "unassigned_wrong",
+    "kept_uncalibrated",
+    "accuracy_kept_uncalibrated",
+    "unassigned_correct_uncalibrated",
+    "unassigned_wrong_uncalibrated",
+)
+
+
 def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
-    from scbert_platform.metrics import classification_report
+    from scbert_platform.metrics import classification_report, reliability_bins
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in evaluated:
@@ -307,6 +352,7 @@ def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str,
         labels = members[0]["labels"]
         confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
         folds, per_class_f1 = [], {label: [] for label in labels}
+        pooled_cal: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for e in members:
             labelled = e["y_true"] >= 0
             y_true, proba = e["y_true"][labelled], e["proba"][labelled]
@@ -324,8 +370,14 @@ def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str,
                 "val_macro_f1": e["val_macro_f1"],
                 "run_id": e["run_id"],
             }
+            if e["temperature"] is not None:  # a calibrated model: before and after
+                fold |= calibration_scores(y_true, proba, e["temperature"], e["threshold"])
+                pooled_cal.append((y_true, proba, uncalibrated(proba, e["temperature"])))
             if e["excluded"]:
                 fold |= novel_type_scores(y_true, proba, labels, e["excluded"], e["threshold"])
+                before = uncalibrated(proba, e["temperature"])
+                scores = novel_type_scores(y_true, before, labels, e["excluded"], e["threshold"])
+                fold |= {f"{k}_uncalibrated": v for k, v in scores.items() if k != "n_novel"}
             for label, scores in report["per_class"].items():
                 if scores["support"] > 0:
                     per_class_f1[label].append(scores["f1"])
@@ -339,8 +391,20 @@ def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str,
             "per_class_f1": {k: float(np.mean(v)) for k, v in per_class_f1.items() if v},
         }
         keys = ["accuracy", "macro_f1"]
+        if pooled_cal:
+            keys += [k for k in CALIBRATION_KEYS if all(k in f for f in folds)]
+            y_all = np.concatenate([c[0] for c in pooled_cal])
+            summary["reliability"] = {
+                "uncalibrated": reliability_bins(np.concatenate([c[2] for c in pooled_cal]), y_all),
+                "calibrated": reliability_bins(np.concatenate([c[1] for c in pooled_cal]), y_all),
+            }
         if protocol == "novel-type":
             keys += ["known_accuracy", "novel_accuracy", "novel_recall", "known_unassigned"]
+            keys += [
+                f"{k}_uncalibrated"
+                for k in keys[-4:]
+                if all(f"{k}_uncalibrated" in f for f in folds)
+            ]
         for key in keys:
             values = np.array([f[key] for f in folds], dtype=float)
             values = values[~np.isnan(values)]
@@ -385,6 +449,7 @@ def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: floa
         if novel:
             cells += [_pm(g, "known_accuracy"), _pm(g, "novel_accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _calibration_markdown(groups, protocol, threshold)
     scbert = [g for g in groups if g["per_class_f1"]]
     if scbert:
         lines += ["", "Per-class F1 (mean over the folds where the type is tested):", ""]
@@ -402,10 +467,54 @@ def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: floa
     return "\n".join(lines)
 
 
-def _pm(group: dict[str, Any], key: str) -> str:
+def _calibration_markdown(
+    groups: list[dict[str, Any]], protocol: str, threshold: float
+) -> list[str]:
+    """Before and after temperature scaling (fitted on each fold's validation cells), on the
+    held-out cells: ECE, and at the threshold the share of cells kept, their accuracy, and the
+    share of correctly / wrongly called cells left Unassigned."""
+    calibrated = [g for g in groups if "ece_mean" in g]
+    if not calibrated:
+        return []
+    lines = [
+        "",
+        f"Calibration on the held-out cells (uncalibrated → calibrated; threshold {threshold:g}):",
+        "",
+        "| model | ECE | kept | accuracy of kept | correct cells Unassigned "
+        "| wrong cells Unassigned |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for g in calibrated:
+        name = g["model"] + ("" if protocol == "folds" else f" {g['group']}")
+        cells = [
+            f"{_pm(g, key + '_uncalibrated', 2)} → {_pm(g, key, 2)}"
+            for key in ("ece", "kept", "accuracy_kept", "unassigned_correct", "unassigned_wrong")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if protocol == "novel-type":
+        lines += [
+            "",
+            "Novel-type scores of the uncalibrated models (the table above: calibrated):",
+            "",
+        ]
+        lines += [
+            "| model | group | known-type accuracy | novel accuracy (strict) |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for g in calibrated:
+            lines.append(
+                f"| {g['model']} | {g['group']} | {_pm(g, 'known_accuracy_uncalibrated')} | "
+                f"{_pm(g, 'novel_accuracy_uncalibrated')} |"
+            )
+    return lines
+
+
+def _pm(group: dict[str, Any], key: str, digits: int = 3) -> str:
     mean, std = group.get(f"{key}_mean"), group.get(f"{key}_std")
     if mean is None or np.isnan(mean):
         return "-"
+    if digits != 3:
+        return f"{mean:.{digits}f}"
     return f"{mean:.3f} ± {std:.3f}"
 
 
@@ -422,8 +531,10 @@ def _log_parent(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.metrics import confusion_matrix_png
+    from scbert_platform.metrics import confusion_matrix_png, reliability_png
     from scbert_platform.tracking import MODEL_URI_TAG, tracking_uri
+    from scbert_tune.baselines import BASELINES
+    from scbert_tune.registry import BASELINE_METRIC, BASELINE_TAG
 
     client = MlflowClient(tracking_uri=tracking_uri())
     main = groups[0]  # the first variant's first group: what the registry gate reads
@@ -431,7 +542,9 @@ def _log_parent(
         prefix = "cv" if g is main else f"cv/{_metric_key(g['model'])}"
         if g["group"] != "all":
             prefix += f"/{_metric_key(g['group'])}"
-        for key in ("accuracy", "macro_f1", "known_accuracy", "novel_accuracy", "novel_recall"):
+        keys = ("accuracy", "macro_f1", "known_accuracy", "novel_accuracy", "novel_recall")
+        keys += CALIBRATION_KEYS + tuple(f"{k}_uncalibrated" for k in keys[2:])
+        for key in keys:
             if f"{key}_mean" in g and not np.isnan(g[f"{key}_mean"]):
                 client.log_metric(parent, f"{prefix}/{key}", g[f"{key}_mean"])
                 client.log_metric(parent, f"{prefix}/{key}_std", g[f"{key}_std"])
@@ -441,6 +554,11 @@ def _log_parent(
     if protocol == "folds" and main.get("chosen"):
         client.set_tag(parent, MODEL_URI_TAG, main["chosen"])
         client.set_tag(parent, "scbert.cv_model_run_id", main["chosen_run_id"])
+    baselines = [g for g in groups if g["model"] in BASELINES and not np.isnan(g["macro_f1_mean"])]
+    if protocol == "folds" and baselines:  # the floor of the registry gate, which reads this run
+        best = max(baselines, key=lambda g: g["macro_f1_mean"])
+        client.log_metric(parent, BASELINE_METRIC, best["macro_f1_mean"])
+        client.set_tag(parent, BASELINE_TAG, best["model"])
     with tempfile.TemporaryDirectory() as tmp:
         files = {"cv_report.md": text + "\n"}
         results = [{k: v for k, v in g.items() if k != "chosen"} for g in groups]
@@ -455,6 +573,12 @@ def _log_parent(
                 png,
                 title=f"{g['model']} {'' if g['group'] == 'all' else g['group']}: "
                 f"summed over {len(g['folds'])} held-out sets",
+            )
+        for i, g in enumerate(x for x in groups if x.get("reliability")):
+            reliability_png(
+                g["reliability"],
+                Path(tmp) / ("reliability.png" if i == 0 else f"reliability_{i}.png"),
+                title=f"{g['model']}: held-out cells of {len(g['folds'])} folds",
             )
         for file in Path(tmp).iterdir():
             client.log_artifact(parent, str(file))
