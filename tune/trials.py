@@ -143,7 +143,7 @@ def trial_cpus(params: Params) -> float:
     return params.train.workers * params.train.cpus_per_worker
 
 
-DATA_CPUS_PER_TRIAL = 1.0
+DATA_CPUS_PER_TRIAL = 0.5  # see concurrency()
 STOP_GRACE_S = 5
 PLACEMENT_GROUPS_FILE = "placement_groups"  # in a trial's Train run: its workers' groups
 
@@ -268,9 +268,13 @@ def _progress_callback(kind: str, total: int | None, metric: str, mode: str) -> 
 
 
 def concurrency(params: Params, cluster_cpus: float, wanted: int | None) -> int:
-    """Trials at once (at least 1, at most ``wanted``): each needs its workers' CPUs and one CPU
-    for its own Ray Data pipeline. With less, two trials' pipelines were seen to wait on each
-    other for ever ("Cluster resources are not enough to run any task") on 2 CPUs."""
+    """Trials at once (at least 1, at most ``wanted``): each needs its workers' CPUs and half a
+    CPU for its own Ray Data pipeline. A whole CPU was needed before each training worker kept
+    its epochs in memory (``loader.EpochCache``): two trials' pipelines, running every epoch,
+    were seen to wait on each other for ever ("Cluster resources are not enough to run any
+    task") on 2 CPUs. Now a pipeline runs in the first epoch only: two trials of 0.5 CPU each
+    (``train.cpus_per_worker=0.5``) run side by side on 2 CPUs (2026-11-28: 5 CV folds of 300
+    steps, no stall)."""
     per_trial = trial_cpus(params) + DATA_CPUS_PER_TRIAL
     fits = max(1, math.floor(cluster_cpus / per_trial + 1e-9))
     if wanted is not None and wanted < 1:
