@@ -777,7 +777,11 @@ def _fit_once(
             mlflow.log_metrics(chosen)
             metrics |= chosen
         if task == "finetune":
-            checked = calibrate_and_check(final / MODEL_DIR, shards, split, params)
+            try:
+                checked = calibrate_and_check(final / MODEL_DIR, shards, split, params)
+            except CollapsedRun as err:
+                mlflow.set_tag(FAILURE_TAG, f"collapsed: {err}")
+                raise CollapsedRun(f"run {run_name} collapsed: {err}") from None
             mlflow.log_metrics(checked)
             metrics |= checked
         if task == "finetune" and split.has_test:
@@ -806,12 +810,10 @@ def calibrate_and_check(
 ) -> dict[str, float]:
     """After fine-tuning: the kept model's validation predictions. A model that puts every
     validation cell in one class (of several present) has collapsed: ``CollapsedRun``, and the
-    run is tagged with the reason. Otherwise, with ``train.calibrate``, temperature scaling is
+    caller tags its run with the reason. Otherwise, with ``train.calibrate``, temperature scaling is
     fitted on the validation cells and folded into the head's last layer (logits / T, so every
     inference path applies it) and recorded in ``calibration.json`` beside the weights.
     Returns the validation ECE before and after, and the temperature."""
-    import mlflow
-
     from scbert.atomic import atomic_file
     from scbert_platform.metrics import expected_calibration_error
     from scbert_platform.training import fit_temperature, predict
@@ -834,7 +836,6 @@ def calibrate_and_check(
                 f"validation cells of {len(present)} types"
             )
         )
-        mlflow.set_tag(FAILURE_TAG, f"collapsed: the kept model predicts {what}")
         raise CollapsedRun(f"the kept model predicts {what}")
     ece_before = expected_calibration_error(proba, y_val)
     out = {"val/ece_uncalibrated": ece_before}

@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent  # the venv's scbert and dvc
 # the pipeline up to the fine-tuned model and the offline annotation with it; its sweep and cv
 # stages are the tuning tests' subject (tests/test_tune.py) and would take this file past the
 # suite's time budget
-DATA_STAGES = ("annotate",)
+DATA_STAGES = ("annotate", "pretrain")  # pretrain: no stage downstream needs it now
 
 
 def run(args: list[str], cwd: Path) -> str:
