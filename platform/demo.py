@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         header(f"sweep ({args.sweep_report})")
         print(Path(args.sweep_report).read_text().rstrip())
     if args.cv_report:
-        header("registry: the CV run's model, registered and past the gate")
+        header("registry: the CV run's model, registered and put to the promotion gate")
         name, decision, has_champion = register_and_promote(Path(args.cv_report))
         summary += [
             f"5-fold CV on the same folds ({Path(args.cv_report).with_suffix('.md')}):",
