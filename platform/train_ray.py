@@ -819,18 +819,19 @@ def calibrate_and_check(
     from scbert_platform.training import fit_temperature, predict
 
     bundle = load_pretrained(model_dir)
-    batches = iter_local_batches(
-        shards, params.model.n_bins, split=split, role="val", batch_size=64
+    batches = iter_local_batches(  # fit hashed the shards before training
+        shards, params.model.n_bins, split=split, role="val", batch_size=64, digests=False
     )
     y_val, proba = predict(bundle.model, batches, device=torch.device("cpu"))
     known = y_val >= 0
     predicted = set(proba[known].argmax(axis=1).tolist())
     present = set(y_val[known].tolist())
+    finite = bool(np.isfinite(proba).all())
     one_class = len(present) > 1 and len(predicted) == 1 and params.train.collapse_check
-    if not np.isfinite(proba).all() or one_class:
+    if not finite or one_class:
         what = (
             "non-finite probabilities"
-            if not np.isfinite(proba).all()
+            if not finite
             else (
                 f"one class ({bundle.labels[predicted.pop()]}) for all {int(known.sum())} "
                 f"validation cells of {len(present)} types"

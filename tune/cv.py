@@ -282,7 +282,7 @@ def calibration_scores(
     y_true: np.ndarray, proba: np.ndarray, temperature: float | None, threshold: float
 ) -> dict[str, float]:
     """ECE after and before calibration, and the selective scores at ``threshold``
-    (``scbert_platform.metrics.selective_scores``), before calibration with ``_uncalibrated``."""
+    (``scbert_platform.metrics.selective_scores``), before calibration with ``uncalibrated``."""
     from scbert_platform.metrics import expected_calibration_error, selective_scores
 
     before = uncalibrated(proba, temperature)
