@@ -94,19 +94,11 @@ def classification_report(
 def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
     """ECE: the cells' |accuracy - confidence| per equal-width confidence bin, weighted by the
     bin's share of cells (top-class probability; cells with label -1 skipped)."""
-    known = np.asarray(y_true) >= 0
-    proba, y_true = np.asarray(proba)[known], np.asarray(y_true)[known]
-    if len(y_true) == 0:
+    bins = reliability_bins(proba, y_true, n_bins)
+    total = sum(b["n"] for b in bins)
+    if total == 0:
         return float("nan")
-    confidence = proba.max(axis=1)
-    correct = proba.argmax(axis=1) == y_true
-    which = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        in_bin = which == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    return float(sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total)
 
 
 def reliability_bins(

@@ -279,13 +279,12 @@ def uncalibrated(proba: np.ndarray, temperature: float | None) -> np.ndarray:
 
 
 def calibration_scores(
-    y_true: np.ndarray, proba: np.ndarray, temperature: float | None, threshold: float
+    y_true: np.ndarray, proba: np.ndarray, before: np.ndarray, threshold: float
 ) -> dict[str, float]:
-    """ECE after and before calibration, and the selective scores at ``threshold``
-    (``scbert_platform.metrics.selective_scores``), before calibration with ``uncalibrated``."""
+    """ECE after and before calibration (``before``: ``uncalibrated(proba, T)``), and the
+    selective scores at ``threshold`` (``scbert_platform.metrics.selective_scores``) of both."""
     from scbert_platform.metrics import expected_calibration_error, selective_scores
 
-    before = uncalibrated(proba, temperature)
     scores = {
         "ece": expected_calibration_error(proba, y_true),
         "ece_uncalibrated": expected_calibration_error(before, y_true),
@@ -370,12 +369,12 @@ def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str,
                 "val_macro_f1": e["val_macro_f1"],
                 "run_id": e["run_id"],
             }
+            before = uncalibrated(proba, e["temperature"])
             if e["temperature"] is not None:  # a calibrated model: before and after
-                fold |= calibration_scores(y_true, proba, e["temperature"], e["threshold"])
-                pooled_cal.append((y_true, proba, uncalibrated(proba, e["temperature"])))
+                fold |= calibration_scores(y_true, proba, before, e["threshold"])
+                pooled_cal.append((y_true, proba, before))
             if e["excluded"]:
                 fold |= novel_type_scores(y_true, proba, labels, e["excluded"], e["threshold"])
-                before = uncalibrated(proba, e["temperature"])
                 scores = novel_type_scores(y_true, before, labels, e["excluded"], e["threshold"])
                 fold |= {f"{k}_uncalibrated": v for k, v in scores.items() if k != "n_novel"}
             for label, scores in report["per_class"].items():
