@@ -1,4 +1,4 @@
-"""The annotation service: a Ray Serve deployment with a FastAPI ingress.
+"""The annotation service: a FastAPI app on a loaded model, run by a Ray Serve deployment.
 
 Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model``,
 ``GET /healthz`` (always open), ``GET /readyz``, and FastAPI's ``/docs`` and ``/openapi.json``.
@@ -13,6 +13,12 @@ Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model
   takes the replica down. ``SCBERT_API_TOKEN`` in the replica's environment turns on bearer-token
   auth for ``/v1/*`` (constant-time comparison).
 
+Three layers, Ray in the last only: ``AnnotatorReplica(source, settings, load_model=...)``
+loads the model through the ``load_model`` callable it is given and answers requests;
+``make_api(replica)`` is the FastAPI app with its routes bound to that replica (what a test
+drives in-process); ``Annotator`` is the Serve deployment, whose replicas merge requests with
+``@serve.batch`` and serve ``make_api(self)``.
+
 ``build(args)`` is the application builder for ``serve run`` / a Serve config file
 (``import_path: scbert_serve.app:build``, ``args``: the ``serve`` params section).
 """
@@ -26,6 +32,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -33,7 +40,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from scbert_platform.models import ModelSource, load_model, resolve_model
@@ -44,9 +51,15 @@ from scbert_serve.schema import (
     AnnotateRequest,
     AnnotateResponse,
     BodyLimits,
+    CellResult,
+    ClassProbability,
+    Coverage,
     ErrorResponse,
+    Health,
     ModelInfo,
+    ModelRef,
     Options,
+    Readiness,
     RequestError,
     check_json_sizes,
     json_depth,
@@ -58,6 +71,9 @@ TOKEN_ENV = "SCBERT_API_TOKEN"
 JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to spell half a UTF-16 pair
+# A ModelSource -> the model in eval mode, its panel and class names (``loaded_parts``):
+# scbert_platform.models.load_model by default
+ModelLoader = Callable[[ModelSource], Any]
 
 
 def error(status: int, code: str, message: str, detail: Any = None) -> JSONResponse:
@@ -66,6 +82,13 @@ def error(status: int, code: str, message: str, detail: Any = None) -> JSONRespo
         body["detail"] = detail
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def answer(body: BaseModel) -> JSONResponse:
+    """A route's 200: ``body``, one of the response models its OpenAPI schema names, as the
+    model serialises itself (rendered here, so that a failure to encode it is still answered
+    as JSON and counted)."""
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 class _Api(FastAPI):
@@ -88,11 +111,6 @@ class _Api(FastAPI):
         return schema
 
 
-api = _Api(
-    title="scBERT cell-type annotation",
-    version="1",
-    description="Raw counts in, cell types out (Yang et al., Nat. Mach. Intell. 2022).",
-)
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
@@ -102,6 +120,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (415, "unsupported content type"),
         (422, "a field is invalid; the message names it"),
     ]
+}
+# The annotate route reads its body itself (JSON or .h5ad); this documents both.
+ANNOTATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/AnnotateRequest"}},
+            "application/x-hdf5": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "an .h5ad file, raw counts in .X; options as query "
+                "parameters (threshold, top_k, return_embedding)",
+            },
+        },
+    }
 }
 
 
@@ -132,23 +164,43 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind_loopback
 
 
+def loaded_parts(loaded: Any) -> tuple[Any, Any, list[str] | None]:
+    """(network, ``Panel``, class names) of what a model loader returned: a ``(model, panel,
+    classes)`` tuple, or an object with those attributes (``scbert_platform.models``'
+    ``LoadedModel``, which is replacing the tuple)."""
+    from scbert_platform.panel import Panel
+
+    if isinstance(loaded, tuple):
+        model, panel, classes = loaded
+    else:
+        model, panel, classes = loaded.model, loaded.panel, loaded.classes
+    return model, panel if isinstance(panel, Panel) else Panel(tuple(panel)), classes
+
+
 class AnnotatorReplica:
     """One replica: the model, its panel and classes, the request checks and the metrics.
-    ``Annotator`` below is this class as a Serve deployment with the FastAPI ingress; the class
-    itself runs in any process (``bench/serve_load.py`` times it without HTTP)."""
 
-    def __init__(self, source: dict[str, Any], settings: dict[str, Any]) -> None:
+    The model comes from ``load_model(ModelSource)`` (default: the registry's or a checkpoint
+    directory's, ``scbert_platform.models.load_model``). Runs in any process, without Ray:
+    ``make_api(replica)`` puts it behind HTTP, ``bench/serve_load.py`` times it without HTTP, and
+    ``Annotator`` below is its Serve deployment, which batches concurrent requests."""
+
+    def __init__(
+        self,
+        source: dict[str, Any],
+        settings: dict[str, Any],
+        *,
+        load_model: ModelLoader = load_model,
+    ) -> None:
         import torch
 
-        from scbert_platform.panel import Panel
         from scbert_serve.metrics import ServeMetrics
 
         self.source = ModelSource(**source)
         self.settings = ServeParams(**settings)
-        self.model, panel, classes = load_model(self.source)
+        self.model, self.panel, classes = loaded_parts(load_model(self.source))
         assert classes is not None  # load_model refuses a checkpoint without cell types
         self.classes = classes
-        self.panel = Panel(tuple(panel))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             # safe: the forward pass runs under bf16 autocast; TF32 only reaches fp32 leftovers
@@ -157,11 +209,8 @@ class AnnotatorReplica:
         self.metrics = ServeMetrics(
             model_name=self.source.name, model_version=self.source.version or "local"
         )
-        self._infer.set_max_batch_size(self.settings.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self.token = os.environ.get(TOKEN_ENV) or None
         self._warm_up()
-        _replica_grpc_on_loopback()
         self.ready = True
 
     def _warm_up(self) -> None:
@@ -176,40 +225,17 @@ class AnnotatorReplica:
         aligned = aligned_counts(counts, genes, self.panel, cell_ids=["warm-up"])
         self._forward(panel_tokens(aligned, n_bins=self.model.config.n_bins))
 
-    # ---- routes -------------------------------------------------------------------------------
+    # ---- what the routes answer (make_api) -----------------------------------------------------
 
-    @api.get("/healthz", summary="liveness (no auth)")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(self) -> Health:
+        return Health(status="ok")
 
-    @api.get("/readyz", summary="readiness: the model is loaded and answered its warm-up")
-    async def readyz(self) -> dict[str, Any]:
-        return {"status": "ready", "model": self.source.name, "version": self.source.version}
+    async def readyz(self) -> Readiness:
+        return Readiness(status="ready", model=self.source.name, version=self.source.version)
 
-    @api.get("/v1/model", response_model=ModelInfo, responses=ERRORS)
     async def model_info(self, request: Request) -> Response:
         return await self._handle("/v1/model", request, self._model_info)
 
-    @api.post(
-        "/v1/annotate",
-        response_model=AnnotateResponse,
-        responses=ERRORS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {"$ref": "#/components/schemas/AnnotateRequest"}
-                    },
-                    "application/x-hdf5": {
-                        "schema": {"type": "string", "format": "binary"},
-                        "description": "an .h5ad file, raw counts in .X; options as query "
-                        "parameters (threshold, top_k, return_embedding)",
-                    },
-                },
-            }
-        },
-    )
     async def annotate(self, request: Request) -> Response:
         return await self._handle("/v1/annotate", request, self._annotate)
 
@@ -224,7 +250,7 @@ class AnnotatorReplica:
         start = time.perf_counter()
         try:
             self._authorise(request)
-            response = await handler(request)
+            response = answer(await handler(request))
         except RequestError as refused:
             response = error(refused.status, refused.code, refused.message)
         except ValidationError as invalid:
@@ -255,8 +281,8 @@ class AnnotatorReplica:
         ):
             raise RequestError(401, "unauthorised", "send the header Authorization: Bearer TOKEN")
 
-    async def _model_info(self, request: Request) -> Response:
-        info = ModelInfo(
+    async def _model_info(self, request: Request) -> ModelInfo:
+        return ModelInfo(
             name=self.source.name,
             version=self.source.version,
             alias=self.source.alias,
@@ -274,7 +300,6 @@ class AnnotatorReplica:
             max_json_depth=MAX_JSON_DEPTH,
             device=str(self.device),
         )
-        return JSONResponse(info.model_dump())
 
     def _max_body(self) -> int:
         return int(self.settings.max_body_mb * 2**20)
@@ -291,7 +316,7 @@ class AnnotatorReplica:
                 raise RequestError(413, "too_large", f"body is over the limit of {limit} bytes")
         return bytes(body)
 
-    async def _annotate(self, request: Request) -> Response:
+    async def _annotate(self, request: Request) -> AnnotateResponse:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in JSON_TYPES + H5AD_TYPES:
             raise RequestError(
@@ -314,7 +339,7 @@ class AnnotatorReplica:
         else:
             options = Options.model_validate(dict(request.query_params))
             counts, genes, ids = self._parse_h5ad(body)
-        return JSONResponse(await self._predict(counts, genes, ids, options))
+        return await self._predict(counts, genes, ids, options)
 
     def _limits(self) -> BodyLimits:
         return BodyLimits.of(self.settings)
@@ -358,7 +383,7 @@ class AnnotatorReplica:
 
     async def _predict(
         self, counts: Any, genes: list[str], ids: list[str], options: Options
-    ) -> dict[str, Any]:
+    ) -> AnnotateResponse:
         from scbert_platform.ingest import IngestError
         from scbert_platform.pyfunc import aligned_counts, panel_tokens
 
@@ -371,60 +396,126 @@ class AnnotatorReplica:
         proba, embedding = await self._infer(tokens)
         threshold = self.settings.threshold if options.threshold is None else options.threshold
         top_k = min(options.top_k or self.settings.top_k, len(self.classes))
-        matched = int((self.panel.positions(genes) >= 0).sum())
         cells = self._cells(ids, proba, np.diff(aligned.indptr), threshold, top_k)
         if options.return_embedding:
             for cell, vector in zip(cells, embedding.tolist(), strict=True):
-                cell["embedding"] = [round(v, 6) for v in vector]
-        predicted = [cell["cell_type"] for cell in cells]
-        self.metrics.predictions(predicted, sum(cell["unassigned"] for cell in cells))
-        return {
-            "model": {
-                "name": self.source.name,
-                "version": self.source.version,
-                "alias": self.source.alias,
-                "uri": self.source.uri,
-            },
-            "coverage": {
-                "panel_genes": len(self.panel),
-                "request_genes": len(genes),
-                "matched_genes": matched,
-                "fraction": matched / len(self.panel),
-                "unknown_genes": len(genes) - matched,
-            },
-            "threshold": threshold,
-            "cells": cells,
-        }
+                cell.embedding = [round(v, 6) for v in vector]
+        predicted = [cell.cell_type for cell in cells]
+        self.metrics.predictions(predicted, sum(cell.unassigned for cell in cells))
+        return AnnotateResponse(
+            model=ModelRef(**self.source.describe()),
+            coverage=self._coverage(genes),
+            threshold=threshold,
+            cells=cells,
+        )
+
+    def _coverage(self, genes: list[str]) -> Coverage:
+        matched = int((self.panel.positions(genes) >= 0).sum())
+        return Coverage(
+            panel_genes=len(self.panel),
+            request_genes=len(genes),
+            matched_genes=matched,
+            fraction=matched / len(self.panel),
+            unknown_genes=len(genes) - matched,
+        )
 
     def _cells(
         self, ids: list[str], proba: np.ndarray, n_genes: np.ndarray, threshold: float, top_k: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[CellResult]:
         from scbert import UNASSIGNED
         from scbert_platform.pyfunc import cell_types
 
         order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
         names = cell_types(proba, self.classes, threshold)
-        cells = []
-        for row, cell_id in enumerate(ids):
-            cells.append(
-                {
-                    "id": cell_id,
-                    "cell_type": names[row],
-                    "probability": round(float(proba[row, order[row, 0]]), 6),
-                    "unassigned": names[row] == UNASSIGNED,
-                    "n_genes": int(n_genes[row]),
-                    "top_k": [
-                        {
-                            "cell_type": self.classes[j],
-                            "probability": round(float(proba[row, j]), 6),
-                        }
-                        for j in order[row]
-                    ],
-                }
+        return [
+            CellResult(
+                id=cell_id,
+                cell_type=names[row],
+                probability=round(float(proba[row, order[row, 0]]), 6),
+                unassigned=names[row] == UNASSIGNED,
+                n_genes=int(n_genes[row]),
+                top_k=[
+                    ClassProbability(
+                        cell_type=self.classes[j], probability=round(float(proba[row, j]), 6)
+                    )
+                    for j in order[row]
+                ],
             )
-        return cells
+            for row, cell_id in enumerate(ids)
+        ]
 
     # ---- the model ------------------------------------------------------------------------------
+
+    async def _infer(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One request, one model call (off the event loop): (probabilities, embeddings).
+        ``ServeAnnotator`` merges concurrent requests into one call instead."""
+        self.metrics.batch(1, len(tokens))
+        return await asyncio.to_thread(self._forward, tokens)
+
+    def _forward(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        from scbert_platform.pyfunc import predict_tokens
+
+        return predict_tokens(
+            self.model, tokens, chunk_cells=self.settings.model_batch_cells, device=self.device
+        )
+
+
+def make_api(replica: AnnotatorReplica) -> FastAPI:
+    """The HTTP API with its routes bound to ``replica`` (a loaded model): what each Serve
+    replica runs, and an ASGI app that a test drives in-process, without Ray."""
+    api = _Api(
+        title="scBERT cell-type annotation",
+        version="1",
+        description="Raw counts in, cell types out (Yang et al., Nat. Mach. Intell. 2022).",
+    )
+
+    @api.get("/healthz", response_model=Health, summary="liveness (no auth)")
+    async def healthz() -> Health:
+        return await replica.healthz()
+
+    @api.get(
+        "/readyz",
+        response_model=Readiness,
+        summary="readiness: the model is loaded and answered its warm-up",
+    )
+    async def readyz() -> Readiness:
+        return await replica.readyz()
+
+    @api.get("/v1/model", response_model=ModelInfo, responses=ERRORS)
+    async def model_info(request: Request) -> Response:
+        return await replica.model_info(request)
+
+    @api.post(
+        "/v1/annotate",
+        response_model=AnnotateResponse,
+        responses=ERRORS,
+        openapi_extra=ANNOTATE_BODY,
+    )
+    async def annotate(request: Request) -> Response:
+        return await replica.annotate(request)
+
+    return api
+
+
+class ServeAnnotator(AnnotatorReplica):
+    """A Serve replica: concurrent requests merged into one model call by ``@serve.batch``,
+    the HTTP API built on the loaded model once the constructor has run."""
+
+    def __init__(
+        self,
+        source: dict[str, Any],
+        settings: dict[str, Any],
+        *,
+        load_model: ModelLoader = load_model,
+    ) -> None:
+        super().__init__(source, settings, load_model=load_model)
+        self._infer.set_max_batch_size(self.settings.max_batch_size)
+        self._infer.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        _replica_grpc_on_loopback()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve's hook for an ingress whose app is built in the replica (``serve.ingress()``)."""
+        return make_api(self)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _infer(self, batches: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -437,16 +528,9 @@ class AnnotatorReplica:
         bounds = np.cumsum([0, *sizes])
         return [(proba[a:b], embedding[a:b]) for a, b in itertools.pairwise(bounds)]
 
-    def _forward(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-        from scbert_platform.pyfunc import predict_tokens
-
-        return predict_tokens(
-            self.model, tokens, chunk_cells=self.settings.model_batch_cells, device=self.device
-        )
-
 
 Annotator = serve.deployment(
-    serve.ingress(api)(AnnotatorReplica),
+    serve.ingress()(ServeAnnotator),
     name="ScBertAnnotator",
     health_check_period_s=5,
     graceful_shutdown_timeout_s=20,
@@ -482,12 +566,17 @@ def deployment_options(params: ServeParams, *, forward_token: bool = False) -> d
 
 
 def application(
-    params: ServeParams, source: ModelSource | None = None, *, forward_token: bool = False
+    params: ServeParams,
+    source: ModelSource | None = None,
+    *,
+    forward_token: bool = False,
+    load_model: ModelLoader = load_model,
 ) -> Any:
-    """The bound Serve application for ``params`` (the model resolved now unless given)."""
+    """The bound Serve application for ``params`` (the model resolved now unless given; each
+    replica loads it with ``load_model``, which Serve pickles to the replicas)."""
     source = source or resolve_model(params.model)
     options = deployment_options(params, forward_token=forward_token)
-    return Annotator.options(**options).bind(asdict(source), asdict(params))
+    return Annotator.options(**options).bind(asdict(source), asdict(params), load_model=load_model)
 
 
 def build(args: dict[str, Any]) -> Any:
@@ -497,14 +586,18 @@ def build(args: dict[str, Any]) -> Any:
 
 
 def run(
-    params: ServeParams, source: ModelSource | None = None, *, forward_token: bool = True
+    params: ServeParams,
+    source: ModelSource | None = None,
+    *,
+    forward_token: bool = True,
+    load_model: ModelLoader = load_model,
 ) -> str:
     """Deploy (or update in place) the application on the current Ray; returns its URL.
     Deploying again with another model version swaps the replicas without downtime."""
     source = source or resolve_model(params.model)
     serve.start(http_options={"host": params.host, "port": params.port})
     serve.run(
-        application(params, source, forward_token=forward_token),
+        application(params, source, forward_token=forward_token, load_model=load_model),
         name=APP_NAME,
         route_prefix=params.route_prefix,
         blocking=False,

@@ -267,7 +267,12 @@ class CellResult(BaseModel):
     unassigned: bool
     n_genes: int = Field(description="panel genes with a non-zero count in this cell")
     top_k: list[ClassProbability]
-    embedding: list[float] | None = None
+    # sent only with return_embedding: absent, not null, otherwise
+    embedding: list[float] | None = Field(
+        None,
+        description="the cell's mean encoding (with return_embedding)",
+        exclude_if=lambda vector: vector is None,
+    )
 
 
 class ModelRef(BaseModel):
@@ -282,6 +287,16 @@ class AnnotateResponse(BaseModel):
     coverage: Coverage
     threshold: float
     cells: list[CellResult]
+
+
+class Health(BaseModel):
+    status: str = Field(description="'ok' while the process answers")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready' once the model answered its warm-up")
+    model: str = Field(description="the served model's name")
+    version: str | None = Field(description="its registry version (null for a directory)")
 
 
 class ErrorBody(BaseModel):

@@ -1,0 +1,395 @@
+"""The HTTP API in this process, without Ray: ``make_api`` on a replica whose model, a tiny
+checkpoint written here, came through the real loader that the replica was given.
+
+Requests go to the FastAPI app through ASGI calls (``AsgiClient`` below: starlette's
+``TestClient`` needs the ``httpx2`` package, which the project does not install). Every answer
+is checked against the response model of the route and against the route's OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import build_model, tiny_config
+
+GENES = [f"G{i}" for i in range(24)]
+LABELS = ["B", "NK", "T"]
+UNKNOWN = ["NOT-A-GENE", "ALSO-NOT"]  # outside the panel: counted in coverage, ignored
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class AsgiClient:
+    """HTTP/1.1 requests to an ASGI app, on one event loop of its own (kept across requests, as
+    a server's is)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def get(self, path: str, **kwargs: Any) -> Answer:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs: Any) -> Answer:
+        """``body``: bytes as they are, anything else as JSON."""
+        if not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            kwargs.setdefault("headers", {}).setdefault("content-type", "application/json")
+        return self.request("POST", path, body=body, **kwargs)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        query: str = "",
+    ) -> Answer:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": query.encode(),
+            "headers": [
+                (name.lower().encode(), value.encode())
+                for name, value in {"content-length": str(len(body)), **(headers or {})}.items()
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+        }
+        return self.loop.run_until_complete(self._call(scope, body))
+
+    async def _call(self, scope: dict[str, Any], body: bytes) -> Answer:
+        answered = asyncio.Event()
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                return pending.pop()
+            await answered.wait()  # the client hangs up only once it has the answer
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        await self.app(scope, receive, send)
+        (start,) = [m for m in sent if m["type"] == "http.response.start"]
+        return Answer(
+            status=start["status"],
+            headers={k.decode().lower(): v.decode() for k, v in start["headers"]},
+            body=b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
+        )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scbert import save_pretrained
+
+    model = build_model(tiny_config(n_classes=len(LABELS), gene_embedding="learned"), seed=3)
+    out = tmp_path_factory.mktemp("serve-routes") / "tiny"
+    return save_pretrained(model, out, panel=GENES, labels=LABELS)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> list[Any]:
+    """The sources the replica's loader was asked for."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def replica(checkpoint: Path, loaded: list[Any]) -> Any:
+    from scbert_platform.models import ModelSource, load_model
+    from scbert_platform.params import ServeParams
+    from scbert_serve.app import TOKEN_ENV, AnnotatorReplica, resolve_model
+
+    def recording_loader(source: ModelSource) -> tuple[Any, list[str], list[str] | None]:
+        loaded.append(source)
+        return load_model(source)
+
+    settings = ServeParams(top_k=2, max_cells_per_request=50, threshold=0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(TOKEN_ENV, raising=False)
+        return AnnotatorReplica(
+            asdict(resolve_model(str(checkpoint))), asdict(settings), load_model=recording_loader
+        )
+
+
+@pytest.fixture(scope="module")
+def client(replica: Any) -> Iterator[AsgiClient]:
+    from scbert_serve.app import make_api
+
+    client = AsgiClient(make_api(replica))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def openapi(client: AsgiClient) -> dict[str, Any]:
+    answer = client.get("/openapi.json")
+    assert answer.status == 200
+    return dict(answer.json())
+
+
+def counts(n_cells: int, *, seed: int = 0) -> np.ndarray:
+    """Raw counts (cells x GENES + UNKNOWN), about half of them zero; every cell expresses some
+    panel genes."""
+    rng = np.random.default_rng(seed)
+    values = rng.poisson(4.0, size=(n_cells, len(GENES) + len(UNKNOWN)))
+    values *= rng.random(values.shape) < 0.5
+    values[:, 0] += 1
+    return values
+
+
+def sparse_body(values: np.ndarray, **options: Any) -> dict[str, Any]:
+    genes = GENES + UNKNOWN
+    cells = [
+        {
+            "id": f"c{row}",
+            "genes": [genes[j] for j in np.flatnonzero(values[row])],
+            "counts": [int(v) for v in values[row][values[row] > 0]],
+        }
+        for row in range(len(values))
+    ]
+    return {"cells": cells, **options}
+
+
+def check_schema(openapi: dict[str, Any], method: str, path: str, answer: Answer) -> None:
+    """``answer``'s JSON is what the route's OpenAPI schema documents for its status, and no
+    more: objects with listed properties may have no others."""
+    import jsonschema
+
+    documented = openapi["paths"][path][method.lower()]["responses"][str(answer.status)]
+    schema = documented["content"]["application/json"]["schema"]
+    components = copy.deepcopy(openapi["components"])
+    for component in components["schemas"].values():
+        if "properties" in component:
+            component.setdefault("additionalProperties", False)
+    jsonschema.validate(answer.json(), {**schema, "components": components})
+
+
+def test_health_readiness_and_the_injected_loader(
+    client: AsgiClient, checkpoint: Path, loaded: list[Any], openapi: dict[str, Any]
+) -> None:
+    from scbert_serve.schema import Health, Readiness
+
+    health = client.get("/healthz")
+    assert health.status == 200 and health.json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.json() == {"status": "ready", "model": "tiny", "version": None}
+    Health.model_validate(health.json())
+    Readiness.model_validate(ready.json())
+    check_schema(openapi, "GET", "/healthz", health)
+    check_schema(openapi, "GET", "/readyz", ready)
+    assert [source.uri for source in loaded] == [str(checkpoint.resolve())]  # once, by the replica
+
+
+def test_model_info(client: AsgiClient, openapi: dict[str, Any]) -> None:
+    from scbert_serve.schema import ModelInfo
+
+    answer = client.get("/v1/model")
+    assert answer.status == 200 and answer.headers["content-type"] == "application/json"
+    info = ModelInfo.model_validate(answer.json())
+    assert (info.name, info.version, info.alias) == ("tiny", None, None)
+    assert info.classes == LABELS and info.panel_size == len(GENES) and len(info.panel_sha256) == 64
+    assert info.config["n_genes"] == len(GENES) and info.config["n_classes"] == len(LABELS)
+    assert (info.threshold, info.top_k, info.max_cells_per_request) == (0.5, 2, 50)
+    assert info.max_json_depth == 32
+    check_schema(openapi, "GET", "/v1/model", answer)
+
+
+def test_annotate_json_cells(client: AsgiClient, openapi: dict[str, Any]) -> None:
+    from scbert_serve.schema import AnnotateResponse
+
+    values = counts(8)
+    answer = client.post("/v1/annotate", sparse_body(values, top_k=3))
+    assert answer.status == 200, answer.body
+    check_schema(openapi, "POST", "/v1/annotate", answer)
+    body = answer.json()
+    response = AnnotateResponse.model_validate(body)
+    assert response.model.model_dump() == {
+        "name": "tiny",
+        "version": None,
+        "alias": None,
+        "uri": response.model.uri,
+    }
+    named = (values > 0).any(axis=0)  # the sparse layout names a cell's non-zero genes
+    matched = int(named[: len(GENES)].sum())
+    assert response.coverage.model_dump() == {
+        "panel_genes": len(GENES),
+        "request_genes": int(named.sum()),
+        "matched_genes": matched,
+        "fraction": matched / len(GENES),
+        "unknown_genes": int(named[len(GENES) :].sum()),
+    }
+    assert [cell.id for cell in response.cells] == [f"c{i}" for i in range(8)]
+    for cell, row in zip(response.cells, values, strict=True):
+        assert cell.n_genes == int((row[: len(GENES)] > 0).sum())
+        probabilities = [entry.probability for entry in cell.top_k]
+        assert len(cell.top_k) == 3 and sorted(probabilities, reverse=True) == probabilities
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)  # all 3 classes
+        assert {entry.cell_type for entry in cell.top_k} == set(LABELS)
+        assert cell.probability == probabilities[0]
+        if not cell.unassigned:
+            assert cell.cell_type == cell.top_k[0].cell_type
+    assert all("embedding" not in cell for cell in body["cells"])  # absent, not null
+
+    default_k = client.post("/v1/annotate", sparse_body(values[:2])).json()
+    assert [len(cell["top_k"]) for cell in default_k["cells"]] == [2, 2]  # serve.top_k
+
+    embedded = client.post("/v1/annotate", sparse_body(values[:2], return_embedding=True))
+    check_schema(openapi, "POST", "/v1/annotate", embedded)
+    assert [len(cell["embedding"]) for cell in embedded.json()["cells"]] == [16, 16]  # dim
+
+
+def test_every_layout_gets_the_same_answer(client: AsgiClient, tmp_path: Path) -> None:
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    values = counts(5, seed=1)
+    genes = GENES + UNKNOWN
+    ids = [f"c{i}" for i in range(5)]
+    sparse = client.post("/v1/annotate", sparse_body(values)).json()
+    dense = client.post(
+        "/v1/annotate", {"genes": genes, "matrix": values.tolist(), "ids": ids}
+    ).json()
+    cells = anndata.AnnData(
+        X=sp.csr_matrix(values.astype(np.float32)),
+        obs=pd.DataFrame(index=ids),
+        var=pd.DataFrame(index=genes),
+    )
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    h5ad = client.post(
+        "/v1/annotate",
+        (tmp_path / "cells.h5ad").read_bytes(),
+        headers={"content-type": "application/x-hdf5"},
+        query="top_k=2",
+    )
+    assert h5ad.status == 200, h5ad.body
+    assert sparse["cells"] == dense["cells"] == h5ad.json()["cells"]
+    assert dense["coverage"] == h5ad.json()["coverage"]  # every gene named, zeros included
+    assert dense["coverage"]["request_genes"] == len(genes)
+
+
+def test_unassigned_below_the_threshold(client: AsgiClient) -> None:
+    body = sparse_body(counts(12, seed=2))
+    everyone = client.post("/v1/annotate", {**body, "threshold": 0.0}).json()
+    assert everyone["threshold"] == 0.0
+    assert not any(cell["unassigned"] for cell in everyone["cells"])
+    top = sorted({cell["probability"] for cell in everyone["cells"]})
+    assert len(top) > 2, "a threshold between the cells' top probabilities needs them to differ"
+    threshold = (top[len(top) // 2 - 1] + top[len(top) // 2]) / 2
+    some = client.post("/v1/annotate", {**body, "threshold": threshold}).json()
+    assert some["threshold"] == threshold
+    for cell, reference in zip(some["cells"], everyone["cells"], strict=True):
+        below = reference["probability"] < threshold
+        assert cell["unassigned"] == below
+        assert cell["cell_type"] == ("Unassigned" if below else reference["cell_type"])
+        assert cell["top_k"] == reference["top_k"]  # the classes are listed all the same
+    assert 0 < sum(cell["unassigned"] for cell in some["cells"]) < len(some["cells"])
+    nobody = client.post("/v1/annotate", {**body, "threshold": 1.0}).json()
+    assert {cell["cell_type"] for cell in nobody["cells"]} == {"Unassigned"}
+
+
+BAD_REQUESTS: dict[str, tuple[Any, dict[str, str], int, str, str]] = {
+    "not JSON": (b'{"cells": [', {}, 400, "malformed_json", "not valid JSON"),
+    "empty body": (b"", {}, 400, "empty_body", "the body is empty"),
+    "misspelt option": (
+        {"cells": [{"id": "a", "counts": {"G1": 1}}], "thresold": 0.3},
+        {},
+        422,
+        "invalid",
+        "thresold: Extra inputs are not permitted",
+    ),
+    "count as text": (
+        {"cells": [{"id": "a", "genes": ["G1"], "counts": ["3"]}]},
+        {},
+        422,
+        "invalid",
+        "cells.0.counts.0: Input should be a valid number",
+    ),
+    "no panel gene": (
+        {"cells": [{"id": "a", "counts": {"NOT-A-GENE": 3}}]},
+        {},
+        422,
+        "invalid_counts",
+        "",
+    ),
+    "too many cells": (
+        {"cells": [{"id": f"c{i}", "counts": {"G1": 1}} for i in range(51)]},
+        {},
+        413,
+        "too_many_cells",
+        "the limit is serve.max_cells_per_request = 50",
+    ),
+    "text body": (b"G1,G2\n1,2\n", {"content-type": "text/csv"}, 415, "unsupported_media_type", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_a_bad_request_gets_the_error_body(
+    client: AsgiClient, openapi: dict[str, Any], case: str
+) -> None:
+    from scbert_serve.schema import ErrorResponse
+
+    body, headers, status, code, message = BAD_REQUESTS[case]
+    answer = client.post("/v1/annotate", body, headers=dict(headers))
+    assert answer.status == status, answer.body
+    error = ErrorResponse.model_validate(answer.json()).error
+    assert error.code == code and message in error.message
+    check_schema(openapi, "POST", "/v1/annotate", answer)
+    assert client.get("/healthz").status == 200  # and the replica goes on
+
+
+def test_a_token_guards_v1_but_not_health(client: AsgiClient, replica: Any) -> None:
+    replica.token = "s3cret"
+    try:
+        refused = client.get("/v1/model")
+        assert refused.status == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["error"]["code"] == "unauthorised"
+        wrong = client.get("/v1/model", headers={"authorization": "Bearer nope"})
+        assert wrong.status == 401
+        assert client.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status == 200
+        assert client.get("/healthz").status == 200
+    finally:
+        replica.token = None
+
+
+def test_the_schema_names_the_response_models(openapi: dict[str, Any]) -> None:
+    def ok(method: str, path: str) -> str:
+        content = openapi["paths"][path][method]["responses"]["200"]["content"]
+        return str(content["application/json"]["schema"]["$ref"]).rsplit("/", 1)[-1]
+
+    assert ok("post", "/v1/annotate") == "AnnotateResponse"
+    assert ok("get", "/v1/model") == "ModelInfo"
+    assert (ok("get", "/healthz"), ok("get", "/readyz")) == ("Health", "Readiness")
+    cell = openapi["components"]["schemas"]["CellResult"]
+    assert "embedding" in cell["properties"] and "embedding" not in cell["required"]
