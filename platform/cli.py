@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from scbert_platform.params import Params, ParamsError
 
@@ -65,19 +67,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _write_metrics(path: Path, manifest: dict[str, object]) -> None:
-    import json
-
     cells = manifest["cells"]
     genes = manifest["genes"]
     assert isinstance(cells, dict) and isinstance(genes, dict)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metrics = {
         "cells_input": cells["input"],
         "cells_kept": cells["kept"],
         "gene_coverage": genes["coverage"],
         "n_shards": len(manifest["shards"]),  # type: ignore[arg-type]
     }
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(path, metrics)
+
+
+def portable_paths(value: Any, root: str | Path | None = None) -> Any:
+    """``value`` (a JSON-ready report) with every absolute path inside ``root`` (default: the
+    working directory, the repository root under DVC) written relative to it, so that a committed
+    report names no machine's directories; paths outside it stay absolute."""
+    here = Path(os.path.abspath(root if root is not None else Path.cwd()))
+    bases = {here, here.resolve()} - {Path(here.anchor)}  # relative to / says nothing
+    if isinstance(value, dict):
+        return {key: portable_paths(item, here) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable_paths(item, here) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        for path in (Path(value), Path(value).resolve()):  # as written, then through links
+            for base in bases:
+                with contextlib.suppress(ValueError):
+                    return path.relative_to(base).as_posix()
+    return value
+
+
+def report_json(report: Any) -> str:
+    """A report as the JSON text that ``--metrics`` files and stdout reports hold."""
+    return json.dumps(portable_paths(report), indent=2, default=float) + "\n"
+
+
+def write_report(path: str | Path, report: Any) -> None:
+    """Write a ``--metrics`` report (``report_json``) atomically, its folder created."""
+    from scbert.atomic import atomic_file
+
+    with atomic_file(path) as staging:
+        staging.write_text(report_json(report))
 
 
 # a training run's one result line (the rest is in --metrics and the MLflow run)
@@ -118,8 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = [f"{k} {result.metrics[k]:.3f}" for k in SUMMARY_METRICS if k in result.metrics]
     print(f"{args.verb} {result.run_name}: {result.steps} steps; {', '.join(shown)}")
     if args.metrics:
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        write_report(args.metrics, summary)
     if args.out:
         copy_directory(
             result.checkpoint, args.out, kind="checkpoint", overwrite=args.overwrite, inputs=inputs
@@ -217,7 +246,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         results = [baseline_cv(args.shards, kind) for kind in args.baseline]
         print(markdown(results))
         if args.metrics:
-            Path(args.metrics).write_text(json.dumps(results, indent=2) + "\n")
+            write_report(args.metrics, results)
         return 0
     from scbert_tune.cv import cross_validate
 
@@ -254,8 +283,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                 for g in result.groups
             ],
         }
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        write_report(args.metrics, summary)
     return 0
 
 
@@ -299,8 +327,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "best": {k: v for k, v in (result.best or {}).items() if k != "params"},
             "trials": len(result.rows),
         }
-        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.metrics).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        write_report(args.metrics, summary)
     return 0
 
 
@@ -395,7 +422,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
         np.save(args.npy, adata.obsm["X_scbert"])
     summary.pop("classes", None)
-    print(json.dumps(summary, indent=2, default=str))
+    # stdout is a report too (dvc.yaml: > reports/annotate.json)
+    print(json.dumps(portable_paths(summary), indent=2, default=str))
     return 0
 
 
@@ -485,6 +513,30 @@ OVERWRITE_HELP = (
     "replace --out even when it holds files scbert did not write (never the current, home or "
     "root directory, nor one holding an input)"
 )
+
+
+# verbs that pass every word after them to their module's own parser (its -h/--help included)
+PASS_THROUGH = ("gene-embed", "synth")
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser's verbs and their subparsers, in the order ``scbert -h`` lists them."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``build_parser().parse_args``, except that the words after a ``PASS_THROUGH`` verb are
+    its ``rest`` untouched: argparse would take ``-h`` and unknown flags for the top level's."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # the top level's options take no value, so its first other word is the verb
+    at = next((i for i, word in enumerate(words) if not word.startswith("-")), len(words))
+    if at == len(words) or words[at] not in PASS_THROUGH:
+        return parser.parse_args(words)
+    args = parser.parse_args(words[: at + 1])
+    args.rest = words[at + 1 :]
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -724,10 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("synth", cmd_synth, "write a synthetic count matrix (.h5ad) for scale tests"),
     ):
         sub = verbs.add_parser(verb, help=text, add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)  # filled by parse_args, -h included
         sub.set_defaults(run=run)
     for verb, sub in verbs.choices.items():
-        if verb not in ("gene-embed", "synth"):  # these pass every flag on to their own parser
+        if verb not in PASS_THROUGH:
             # SUPPRESS: without the flag here, `scbert --verbose VERB` keeps the top-level value
             sub.add_argument(
                 "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
@@ -744,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scbert_platform.train_ray import TrainingError
     from scbert_tune.registry import GateRefused
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     set_verbose(args.verbose)
     quiet_libraries()
     one_line_warnings()
