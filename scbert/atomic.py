@@ -6,10 +6,13 @@ A crash, an exception or Ctrl-C while the directory is being written leaves the 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import uuid
@@ -149,7 +152,10 @@ def atomic_directory(
     ``target`` must be replaceable (``check_output``: checked before and again at the commit);
     the new directory gets a marker file naming its ``kind``, so that the next write recognises
     it as ours. The staging directory follows the umask (mkdtemp would make it 0700). On any
-    exception, KeyboardInterrupt included, it is removed and ``target`` is left as it was.
+    exception, KeyboardInterrupt included, it is removed and ``target`` is left as it was. An
+    existing ``target`` is swapped with the staging directory in one rename where Linux allows
+    it (``renameat2``), so ``target`` is never missing; elsewhere, a crash between the two
+    renames leaves the previous version beside it as ``.NAME.old-*``.
     """
     target = Path(target)
     check_output(target, kind=kind, overwrite=overwrite, inputs=inputs)
@@ -162,19 +168,52 @@ def atomic_directory(
         marker = {"kind": kind, "format_version": MARKER_VERSION}
         (staging / MARKER).write_text(json.dumps(marker) + "\n")
         check_output(target, kind=kind, overwrite=overwrite, inputs=inputs)
-        if target.exists() or target.is_symlink():
+        if not (target.exists() or target.is_symlink()):
+            os.replace(staging, target)
+        elif _exchange(staging, target):
+            _remove(staging)  # the previous version, now under the staging name
+        else:
+            # two renames: a crash between them leaves the previous version under this name
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
             os.replace(target, old)
             os.replace(staging, target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(staging, target)
+            _remove(old)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so
+    that ``b`` names the old or the new version at every instant. False where the system or the
+    file system cannot: the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def copy_directory(
@@ -185,7 +224,9 @@ def copy_directory(
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
 ) -> Path:
-    """Copy the directory ``source`` to ``target`` atomically, under ``atomic_directory``'s rule."""
+    """Copy the directory ``source`` to ``target`` atomically, under ``atomic_directory``'s rule:
+    the copy fills a sibling staging directory, which then replaces ``target``; a failed or
+    interrupted copy leaves ``target`` as it was."""
     with atomic_directory(target, kind=kind, overwrite=overwrite, inputs=inputs) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
     return Path(target)
