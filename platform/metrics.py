@@ -1,9 +1,10 @@
 """Evaluation metrics: cell-type annotation reports and masked-token accuracy for pretraining.
 
-Class ids index ``labels`` (the checkpoint's label vocabulary). A prediction of ``UNASSIGNED`` (-1)
-is the paper's ``Unassigned`` (highest class probability under the threshold): it is wrong for
-accuracy and is a false negative of the cell's true class, a false positive of none. The report is
-plain Python (JSON-ready for ``mlflow.log_dict``); scikit-learn does the arithmetic.
+Class ids index ``labels`` (the checkpoint's label vocabulary). A prediction of
+``UNASSIGNED_ID`` (-1) is the paper's ``Unassigned`` (``scbert.UNASSIGNED``: highest class
+probability under the threshold): it is wrong for accuracy and is a false negative of the cell's
+true class, a false positive of none. The report is plain Python (JSON-ready for
+``mlflow.log_dict``); scikit-learn does the arithmetic.
 
 Macro F1 averages over the classes present in this split (in ``y_true`` or predicted): a class
 absent from a fold would otherwise add an F1 of 0 for cells that do not exist. Per-class rows and
@@ -21,8 +22,9 @@ import torch
 from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
-UNASSIGNED = -1  # predicted id of a cell left unassigned
-UNASSIGNED_NAME = "Unassigned"
+from scbert import IGNORE_INDEX, UNASSIGNED
+
+UNASSIGNED_ID = -1  # predicted id of a cell left unassigned (named UNASSIGNED)
 
 
 def _class_ids(
@@ -33,7 +35,7 @@ def _class_ids(
         raise ValueError(
             f"{name} must be a 1-d array of integer class ids, got {ids.dtype} {ids.shape}"
         )
-    low = UNASSIGNED if allow_unassigned else 0
+    low = UNASSIGNED_ID if allow_unassigned else 0
     bad = np.unique(ids[(ids < low) | (ids >= n_classes)])
     if bad.size:
         allowed = f"{low}..{n_classes - 1}" + (" (-1 = unassigned)" if allow_unassigned else "")
@@ -64,14 +66,14 @@ def classification_report(
         raise ValueError("no cells to evaluate (y_true is empty)")
 
     all_ids = list(range(n_classes))
-    present = sorted(set(true.tolist()) | (set(pred.tolist()) - {UNASSIGNED}))
+    present = sorted(set(true.tolist()) | (set(pred.tolist()) - {UNASSIGNED_ID}))
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         true, pred, labels=all_ids, average=None, zero_division=0
     )
     scores = {"labels": present, "zero_division": 0}
     return {
         "n": int(true.size),
-        "n_unassigned": int((pred == UNASSIGNED).sum()),
+        "n_unassigned": int((pred == UNASSIGNED_ID).sum()),
         "accuracy": float(skm.accuracy_score(true, pred)),
         "macro_f1": float(skm.f1_score(true, pred, average="macro", **scores)),
         "weighted_f1": float(skm.f1_score(true, pred, average="weighted", **scores)),
@@ -86,7 +88,9 @@ def classification_report(
             for i, name in enumerate(labels)
         },
         "confusion_matrix": skm.confusion_matrix(true, pred, labels=all_ids).tolist(),
-        "unassigned_per_class": np.bincount(true[pred == UNASSIGNED], minlength=n_classes).tolist(),
+        "unassigned_per_class": np.bincount(
+            true[pred == UNASSIGNED_ID], minlength=n_classes
+        ).tolist(),
     }
 
 
@@ -174,25 +178,33 @@ def reliability_png(
     return Path(path)
 
 
-def masked_token_accuracy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-) -> tuple[float, int]:
-    """Share of masked positions whose most likely token is the original one, and their count.
+def masked_token_counts(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[int, int]:
+    """How many masked positions have the original token as their most likely one, and how many
+    masked positions there are: sums over batches give the accuracy of them all.
 
     ``logits``: (b, n, vocab); ``labels``: (b, n), ``ignore_index`` where the position was not
-    chosen for masking. With nothing counted the accuracy is 0.0, so that summing
-    ``accuracy * n_counted`` over batches and dividing by the summed counts stays right.
+    chosen for masking.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocab axis"
         )
     chosen = labels != ignore_index  # (b, n)
-    n_counted = int(chosen.sum().item())
-    if n_counted == 0:
-        return 0.0, 0
     correct = (logits.argmax(dim=-1) == labels) & chosen
-    return int(correct.sum().item()) / n_counted, n_counted
+    return int(correct.sum().item()), int(chosen.sum().item())
+
+
+def masked_token_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[float, int]:
+    """Share of masked positions whose most likely token is the original one, and their count
+    (``masked_token_counts``). With nothing counted the accuracy is 0.0, so that summing
+    ``accuracy * n_counted`` over batches and dividing by the summed counts stays right.
+    """
+    n_correct, n_counted = masked_token_counts(logits, labels, ignore_index)
+    return (n_correct / n_counted if n_counted else 0.0), n_counted
 
 
 def confusion_matrix_png(
@@ -263,7 +275,7 @@ def _plotted_values(
         if len(unassigned) != n_classes:
             raise ValueError(f"unassigned has {len(unassigned)} counts, expected {n_classes}")
         counts = np.column_stack([counts, np.asarray(unassigned, dtype=np.float64)])
-        columns = [*labels, UNASSIGNED_NAME]
+        columns = [*labels, UNASSIGNED]
     if not normalize:
         return counts, columns
     totals = counts.sum(axis=1, keepdims=True)

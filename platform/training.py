@@ -254,6 +254,8 @@ def evaluate_pretraining(
     precision: str,
 ) -> dict[str, float]:
     """Masked-token accuracy and loss with a fixed masking seed (comparable across steps)."""
+    from scbert_platform.metrics import masked_token_counts
+
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -265,8 +267,8 @@ def evaluate_pretraining(
             logits = model(masked).float()
         chosen = labels != IGNORE_INDEX
         total_loss += float(F.cross_entropy(logits[chosen], labels[chosen], reduction="sum"))
-        correct += int((logits[chosen].argmax(-1) == labels[chosen]).sum())
-        counted += int(chosen.sum())
+        n_correct, n_chosen = masked_token_counts(logits, labels, IGNORE_INDEX)
+        correct, counted = correct + n_correct, counted + n_chosen
     model.train(was_training)
     if counted == 0:
         return {}
@@ -560,14 +562,6 @@ def restore_training_state(
     generator.set_state(saved["generator"])
     torch.set_rng_state(saved["torch_rng"])
     return LoopState(**saved["loop"])
-
-
-def take(batches: Iterable[Batch], n: int) -> Iterator[Batch]:
-    """The first ``n`` batches (0 = all)."""
-    for i, batch in enumerate(batches):
-        if n and i >= n:
-            return
-        yield batch
 
 
 def with_timeout(batches: Iterable[Batch], seconds: float, message: str) -> Iterator[Batch]:

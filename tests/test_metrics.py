@@ -17,6 +17,7 @@ from scbert_platform.metrics import (
     classification_report,
     confusion_matrix_png,
     masked_token_accuracy,
+    masked_token_counts,
     report_markdown,
 )
 
@@ -144,10 +145,14 @@ def test_masked_token_accuracy_ignores_unmasked_positions() -> None:
         4,
     )
     assert masked_token_accuracy(logits.bfloat16(), labels) == (0.5, 4)
+    # the counts behind it, which sum over batches (evaluate_pretraining)
+    assert masked_token_counts(logits, labels) == (2, 4)
+    assert masked_token_counts(logits[:1], labels[:1]) == (1, 2)
 
 
 def test_masked_token_accuracy_with_nothing_masked_and_bad_shapes() -> None:
     assert masked_token_accuracy(torch.zeros(2, 3, 4), torch.full((2, 3), -100)) == (0.0, 0)
+    assert masked_token_counts(torch.zeros(2, 3, 4), torch.full((2, 3), -100)) == (0, 0)
     with pytest.raises(ValueError, match="vocab axis"):
         masked_token_accuracy(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
 

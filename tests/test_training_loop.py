@@ -223,3 +223,19 @@ def test_masked_validation_on_real_cells(pbmc_shards: Path) -> None:
     again = evaluate_pretraining(model, batches, n_bins=5, seed=0, device=CPU, precision="fp32")
     assert first == again  # a fixed masking seed: comparable across steps
     assert 0 <= first["val/masked_acc"] <= 1 and first["val/loss"] > 0
+
+
+@torch.no_grad()
+def test_masked_validation_counts_as_the_metric_does() -> None:
+    """evaluate_pretraining's accuracy is metrics.masked_token_accuracy over all its batches."""
+    from scbert import mask_tokens
+    from scbert_platform.metrics import masked_token_accuracy
+
+    model, batches = build_model(tiny_config(), seed=0).eval(), token_batches(3)
+    result = evaluate_pretraining(model, batches, n_bins=5, seed=7, device=CPU, precision="fp32")
+    generator = torch.Generator().manual_seed(7)
+    masked = [mask_tokens(b["tokens"].long(), n_bins=5, generator=generator) for b in batches]
+    logits = torch.cat([model(tokens) for tokens, _ in masked])
+    accuracy, n_counted = masked_token_accuracy(logits, torch.cat([y for _, y in masked]))
+    assert n_counted > 0
+    assert result["val/masked_acc"] == pytest.approx(accuracy)
