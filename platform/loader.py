@@ -11,10 +11,10 @@ Two ways, one binning (``scbert.tokens.bin_values``):
       read_parquet(shards) -> filter(fold) -> map_batches(SparseBinner)   [Ray Data tasks]
         -> iter_batches(pyarrow, local shuffle) -> densify                 [the training worker]
 
-  A paper-size cell is about 1,500 expressed genes of 16,907 positions: 3 bytes per kept gene
-  (uint16 gene index + uint8 token; genes in bin 0 are dropped, as they are 0 once dense) instead
-  of 17 kB dense, so the object store carries several times fewer bytes, and a GPU receives
-  the sparse rows (pinned, non-blocking) and scatters them on the device.
+  A kept gene costs 3 bytes (uint16 gene index + uint8 token; genes in bin 0 are dropped, as
+  they are 0 once dense) where a dense row costs a byte per panel position, and a GPU receives
+  the sparse rows (pinned, non-blocking) and scatters them on the device. Sizes and speeds
+  measured: bench/RESULTS.md (``bench/loader_speed.py``).
 
 Shuffling: Ray Data's full ``random_shuffle`` moves every cell through the object store each
 epoch. Instead, the file order is randomised per epoch and batches are drawn from a local shuffle
@@ -92,8 +92,8 @@ def check_shards(directory: str | Path, manifest: dict[str, Any], *, digests: bo
     Without this, a truncated shard fails inside a Ray Data read task once training has started
     (a worker's traceback), and bytes changed inside a page either fail the same way or, where
     the page still decodes, give wrong values silently. A manifest without a shard list (written
-    by hand) is not checked. Each shard is hashed once per process (sha256 reads about 1.7 GB/s
-    on one core here); later calls, e.g. every validation, only look at the files' sizes.
+    by hand) is not checked. Each shard is hashed once per process; later calls, e.g. every
+    validation, only look at the files' sizes.
     """
     listed = manifest.get("shards")
     if not isinstance(listed, list):
@@ -185,7 +185,7 @@ def scatter_tokens(
     """Dense (b, n_genes + 1) tokens from CSR rows, the appended position (token 0) last."""
     n_cells, width = len(offsets) - 1, n_genes + 1
     dense = np.zeros((n_cells, width), dtype=dtype)
-    # intp indices: numpy converts any other index type to it first (int32 was 25% slower)
+    # intp indices: numpy converts any other index type to it first (bench/RESULTS.md)
     flat = np.repeat(np.arange(0, n_cells * width, width, dtype=np.intp), np.diff(offsets))
     flat += genes
     dense.reshape(-1)[flat] = tokens
@@ -242,8 +242,8 @@ def iter_local_batches(
     """Batches from shards in this process, in file order (no Ray): notebooks, serving, tests.
 
     A background thread reads and decodes the Parquet (pyarrow releases the GIL) up to
-    ``read_ahead`` batches ahead while this thread densifies and bins: on 2 cores that nearly
-    doubles the cells/s of doing both in turn. ``read_ahead=0`` reads in this thread.
+    ``read_ahead`` batches ahead while this thread densifies and bins, so that reading overlaps
+    binning. ``read_ahead=0`` reads in this thread.
     ``split`` and ``role`` keep the cells of one role of a ``CellSplit`` (after the fold filter).
     ``digests=False`` skips hashing the shards (a caller that checked them already).
     """
@@ -371,7 +371,7 @@ def cell_dataset(
     ``folds`` keeps those folds (e.g. the validation fold), ``exclude_folds`` drops them (e.g.
     training = all folds but one); ``split`` keeps the cells of one ``role`` of a ``CellSplit``
     (applied to each block in the transform). ``batch_size`` is the transform's block of cells
-    (large blocks amortise Ray's per-block cost: 2048 gave ~1.7x the cells/s of 256 here).
+    (large blocks amortise Ray's per-block cost).
     """
     import ray.data
     from ray.data.expressions import col
@@ -460,7 +460,7 @@ class EpochCache:
     """A Ray Data dataset (or a worker's shard of one) whose blocks are kept in memory during the
     first pass when they total at most ``max_bytes``: later passes replay them instead of running
     the pipeline again, which costs seconds per epoch, a large share of a small dataset's epoch
-    (measured on pbmc68k: 3-5 s per epoch boundary against 7 s of training steps).
+    (docs/training.md, "Small data").
 
     A pass that is stopped early, or whose blocks outgrow ``max_bytes``, keeps nothing, and the
     next one reads through Ray Data again. Each epoch's order of cells still comes from
