@@ -1,112 +1,34 @@
 """The HTTP API in this process, without Ray: ``make_api`` on a replica whose model, a tiny
 checkpoint written here, came through the real loader that the replica was given.
 
-Requests go to the FastAPI app through ASGI calls (``AsgiClient`` below: starlette's
-``TestClient`` needs the ``httpx2`` package, which the project does not install). Every answer
-is checked against the response model of the route and against the route's OpenAPI schema.
+Requests go to the FastAPI app through starlette's ``TestClient`` (in this process, no socket).
+Every answer is checked against the response model of the route and against the route's
+OpenAPI schema.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from conftest import build_model, tiny_config
+from starlette.testclient import TestClient
 
 GENES = [f"G{i}" for i in range(24)]
 LABELS = ["B", "NK", "T"]
 UNKNOWN = ["NOT-A-GENE", "ALSO-NOT"]  # outside the panel: counted in coverage, ignored
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class AsgiClient:
-    """HTTP/1.1 requests to an ASGI app, on one event loop of its own (kept across requests, as
-    a server's is)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-
-    def close(self) -> None:
-        self.loop.close()
-
-    def get(self, path: str, **kwargs: Any) -> Answer:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, body: Any = None, **kwargs: Any) -> Answer:
-        """``body``: bytes as they are, anything else as JSON."""
-        if not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-            kwargs.setdefault("headers", {}).setdefault("content-type", "application/json")
-        return self.request("POST", path, body=body, **kwargs)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: bytes = b"",
-        headers: dict[str, str] | None = None,
-        query: str = "",
-    ) -> Answer:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": query.encode(),
-            "headers": [
-                (name.lower().encode(), value.encode())
-                for name, value in {"content-length": str(len(body)), **(headers or {})}.items()
-            ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80),
-        }
-        return self.loop.run_until_complete(self._call(scope, body))
-
-    async def _call(self, scope: dict[str, Any], body: bytes) -> Answer:
-        answered = asyncio.Event()
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            if pending:
-                return pending.pop()
-            await answered.wait()  # the client hangs up only once it has the answer
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered.set()
-
-        await self.app(scope, receive, send)
-        (start,) = [m for m in sent if m["type"] == "http.response.start"]
-        return Answer(
-            status=start["status"],
-            headers={k.decode().lower(): v.decode() for k, v in start["headers"]},
-            body=b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
-        )
+def annotate(client: TestClient, body: Any, **kwargs: Any) -> Any:
+    """POST /v1/annotate: bytes as they are, anything else as JSON."""
+    if isinstance(body, bytes):
+        return client.post("/v1/annotate", content=body, **kwargs)
+    return client.post("/v1/annotate", json=body, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +65,17 @@ def replica(checkpoint: Path, loaded: list[Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def client(replica: Any) -> Iterator[AsgiClient]:
+def client(replica: Any) -> Iterator[TestClient]:
     from scbert_serve.app import make_api
 
-    client = AsgiClient(make_api(replica))
-    yield client
-    client.close()
+    with TestClient(make_api(replica)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def openapi(client: AsgiClient) -> dict[str, Any]:
+def openapi(client: TestClient) -> dict[str, Any]:
     answer = client.get("/openapi.json")
-    assert answer.status == 200
+    assert answer.status_code == 200
     return dict(answer.json())
 
 
@@ -181,12 +102,12 @@ def sparse_body(values: np.ndarray, **options: Any) -> dict[str, Any]:
     return {"cells": cells, **options}
 
 
-def check_schema(openapi: dict[str, Any], method: str, path: str, answer: Answer) -> None:
+def check_schema(openapi: dict[str, Any], method: str, path: str, answer: Any) -> None:
     """``answer``'s JSON is what the route's OpenAPI schema documents for its status, and no
     more: objects with listed properties may have no others."""
     import jsonschema
 
-    documented = openapi["paths"][path][method.lower()]["responses"][str(answer.status)]
+    documented = openapi["paths"][path][method.lower()]["responses"][str(answer.status_code)]
     schema = documented["content"]["application/json"]["schema"]
     components = copy.deepcopy(openapi["components"])
     for component in components["schemas"].values():
@@ -196,12 +117,12 @@ def check_schema(openapi: dict[str, Any], method: str, path: str, answer: Answer
 
 
 def test_health_readiness_and_the_injected_loader(
-    client: AsgiClient, checkpoint: Path, loaded: list[Any], openapi: dict[str, Any]
+    client: TestClient, checkpoint: Path, loaded: list[Any], openapi: dict[str, Any]
 ) -> None:
     from scbert_serve.schema import Health, Readiness
 
     health = client.get("/healthz")
-    assert health.status == 200 and health.json() == {"status": "ok"}
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.json() == {"status": "ready", "model": "tiny", "version": None}
     Health.model_validate(health.json())
@@ -211,11 +132,11 @@ def test_health_readiness_and_the_injected_loader(
     assert [source.uri for source in loaded] == [str(checkpoint.resolve())]  # once, by the replica
 
 
-def test_model_info(client: AsgiClient, openapi: dict[str, Any]) -> None:
+def test_model_info(client: TestClient, openapi: dict[str, Any]) -> None:
     from scbert_serve.schema import ModelInfo
 
     answer = client.get("/v1/model")
-    assert answer.status == 200 and answer.headers["content-type"] == "application/json"
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
     info = ModelInfo.model_validate(answer.json())
     assert (info.name, info.version, info.alias) == ("tiny", None, None)
     assert info.classes == LABELS and info.panel_size == len(GENES) and len(info.panel_sha256) == 64
@@ -225,12 +146,12 @@ def test_model_info(client: AsgiClient, openapi: dict[str, Any]) -> None:
     check_schema(openapi, "GET", "/v1/model", answer)
 
 
-def test_annotate_json_cells(client: AsgiClient, openapi: dict[str, Any]) -> None:
+def test_annotate_json_cells(client: TestClient, openapi: dict[str, Any]) -> None:
     from scbert_serve.schema import AnnotateResponse
 
     values = counts(8)
-    answer = client.post("/v1/annotate", sparse_body(values, top_k=3))
-    assert answer.status == 200, answer.body
+    answer = annotate(client, sparse_body(values, top_k=3))
+    assert answer.status_code == 200, answer.content
     check_schema(openapi, "POST", "/v1/annotate", answer)
     body = answer.json()
     response = AnnotateResponse.model_validate(body)
@@ -261,15 +182,15 @@ def test_annotate_json_cells(client: AsgiClient, openapi: dict[str, Any]) -> Non
             assert cell.cell_type == cell.top_k[0].cell_type
     assert all("embedding" not in cell for cell in body["cells"])  # absent, not null
 
-    default_k = client.post("/v1/annotate", sparse_body(values[:2])).json()
+    default_k = annotate(client, sparse_body(values[:2])).json()
     assert [len(cell["top_k"]) for cell in default_k["cells"]] == [2, 2]  # serve.top_k
 
-    embedded = client.post("/v1/annotate", sparse_body(values[:2], return_embedding=True))
+    embedded = annotate(client, sparse_body(values[:2], return_embedding=True))
     check_schema(openapi, "POST", "/v1/annotate", embedded)
     assert [len(cell["embedding"]) for cell in embedded.json()["cells"]] == [16, 16]  # dim
 
 
-def test_every_layout_gets_the_same_answer(client: AsgiClient, tmp_path: Path) -> None:
+def test_every_layout_gets_the_same_answer(client: TestClient, tmp_path: Path) -> None:
     import anndata
     import pandas as pd
     import scipy.sparse as sp
@@ -277,37 +198,35 @@ def test_every_layout_gets_the_same_answer(client: AsgiClient, tmp_path: Path) -
     values = counts(5, seed=1)
     genes = GENES + UNKNOWN
     ids = [f"c{i}" for i in range(5)]
-    sparse = client.post("/v1/annotate", sparse_body(values)).json()
-    dense = client.post(
-        "/v1/annotate", {"genes": genes, "matrix": values.tolist(), "ids": ids}
-    ).json()
+    sparse = annotate(client, sparse_body(values)).json()
+    dense = annotate(client, {"genes": genes, "matrix": values.tolist(), "ids": ids}).json()
     cells = anndata.AnnData(
         X=sp.csr_matrix(values.astype(np.float32)),
         obs=pd.DataFrame(index=ids),
         var=pd.DataFrame(index=genes),
     )
     cells.write_h5ad(tmp_path / "cells.h5ad")
-    h5ad = client.post(
-        "/v1/annotate",
+    h5ad = annotate(
+        client,
         (tmp_path / "cells.h5ad").read_bytes(),
         headers={"content-type": "application/x-hdf5"},
-        query="top_k=2",
+        params={"top_k": 2},
     )
-    assert h5ad.status == 200, h5ad.body
+    assert h5ad.status_code == 200, h5ad.content
     assert sparse["cells"] == dense["cells"] == h5ad.json()["cells"]
     assert dense["coverage"] == h5ad.json()["coverage"]  # every gene named, zeros included
     assert dense["coverage"]["request_genes"] == len(genes)
 
 
-def test_unassigned_below_the_threshold(client: AsgiClient) -> None:
+def test_unassigned_below_the_threshold(client: TestClient) -> None:
     body = sparse_body(counts(12, seed=2))
-    everyone = client.post("/v1/annotate", {**body, "threshold": 0.0}).json()
+    everyone = annotate(client, {**body, "threshold": 0.0}).json()
     assert everyone["threshold"] == 0.0
     assert not any(cell["unassigned"] for cell in everyone["cells"])
     top = sorted({cell["probability"] for cell in everyone["cells"]})
     assert len(top) > 2, "a threshold between the cells' top probabilities needs them to differ"
     threshold = (top[len(top) // 2 - 1] + top[len(top) // 2]) / 2
-    some = client.post("/v1/annotate", {**body, "threshold": threshold}).json()
+    some = annotate(client, {**body, "threshold": threshold}).json()
     assert some["threshold"] == threshold
     for cell, reference in zip(some["cells"], everyone["cells"], strict=True):
         below = reference["probability"] < threshold
@@ -315,7 +234,7 @@ def test_unassigned_below_the_threshold(client: AsgiClient) -> None:
         assert cell["cell_type"] == ("Unassigned" if below else reference["cell_type"])
         assert cell["top_k"] == reference["top_k"]  # the classes are listed all the same
     assert 0 < sum(cell["unassigned"] for cell in some["cells"]) < len(some["cells"])
-    nobody = client.post("/v1/annotate", {**body, "threshold": 1.0}).json()
+    nobody = annotate(client, {**body, "threshold": 1.0}).json()
     assert {cell["cell_type"] for cell in nobody["cells"]} == {"Unassigned"}
 
 
@@ -356,29 +275,31 @@ BAD_REQUESTS: dict[str, tuple[Any, dict[str, str], int, str, str]] = {
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_a_bad_request_gets_the_error_body(
-    client: AsgiClient, openapi: dict[str, Any], case: str
+    client: TestClient, openapi: dict[str, Any], case: str
 ) -> None:
     from scbert_serve.schema import ErrorResponse
 
     body, headers, status, code, message = BAD_REQUESTS[case]
-    answer = client.post("/v1/annotate", body, headers=dict(headers))
-    assert answer.status == status, answer.body
+    answer = annotate(client, body, headers=dict(headers))
+    assert answer.status_code == status, answer.content
     error = ErrorResponse.model_validate(answer.json()).error
     assert error.code == code and message in error.message
     check_schema(openapi, "POST", "/v1/annotate", answer)
-    assert client.get("/healthz").status == 200  # and the replica goes on
+    assert client.get("/healthz").status_code == 200  # and the replica goes on
 
 
-def test_a_token_guards_v1_but_not_health(client: AsgiClient, replica: Any) -> None:
+def test_a_token_guards_v1_but_not_health(client: TestClient, replica: Any) -> None:
     replica.token = "s3cret"
     try:
         refused = client.get("/v1/model")
-        assert refused.status == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         assert refused.json()["error"]["code"] == "unauthorised"
         wrong = client.get("/v1/model", headers={"authorization": "Bearer nope"})
-        assert wrong.status == 401
-        assert client.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status == 200
-        assert client.get("/healthz").status == 200
+        assert wrong.status_code == 401
+        assert (
+            client.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        )
+        assert client.get("/healthz").status_code == 200
     finally:
         replica.token = None
 
