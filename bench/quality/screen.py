@@ -51,6 +51,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--val-every", type=int, default=25)
     ap.add_argument("--folds", default="0,1,2,3,4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--swa-from", type=int, default=150, help="average the weights validated from this step"
+    )
+    ap.add_argument(
+        "--same-seed", action="store_true", help="every fold from --seed (as scbert cv does)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the per-fold results here")
     return ap.parse_args(argv)
@@ -58,8 +64,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dict[str, Any]:
     y, folds, tokens, labels = data["y"], data["folds"], data["tokens"], data["labels"]
-    torch.manual_seed(args.seed + fold)
-    rng = np.random.default_rng(args.seed + fold)
+    seed = args.seed if args.same_seed else args.seed + fold
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     outer = np.flatnonzero((folds != fold) & (y >= 0))
     is_val = rng.random(len(outer)) < 0.1
     train, val, test = outer[~is_val], outer[is_val], np.flatnonzero((folds == fold) & (y >= 0))
@@ -99,6 +106,7 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         return torch.cat(out).numpy()
 
     best: tuple[float, dict[str, torch.Tensor] | None, int] = (-1.0, None, 0)
+    snapshots: list[dict[str, torch.Tensor]] = []  # validated weights from --swa-from on
     for step in range(args.steps):
         batch = rng.choice(train, args.batch_size, replace=False)
         value = loss(model(tokens[batch]), torch.as_tensor(y[batch]), step)
@@ -109,17 +117,38 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         scheduler.step()
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             score = f1_score(y[val], logits_of(val).argmax(1), average="macro")
+            if step + 1 >= args.swa_from:
+                snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
             if score > best[0]:
                 best = (score, {k: v.clone() for k, v in model.state_dict().items()}, step + 1)
     assert best[1] is not None
     last = logits_of(test).argmax(1)  # the last step's model, for comparison with the kept one
+    model.load_state_dict(
+        {
+            k: torch.stack([s[k] for s in snapshots]).mean(0) if v.is_floating_point() else v
+            for k, v in snapshots[-1].items()
+        }
+    )
+    swa = logits_of(test).argmax(1)  # stochastic weight averaging of the validated snapshots
     model.load_state_dict(best[1])
     t = fit_temperature(logits_of(val), y[val])
     z = logits_of(test)
     before = torch.softmax(torch.as_tensor(z), 1).numpy()
     after = torch.softmax(torch.as_tensor(z) / t, 1).numpy()
     predicted = z.argmax(1)
+    log_prior = np.log(np.array([max(counts[label], 1) for label in labels]) / len(train))
+    adjusted = {  # post-hoc logit adjustment (Menon et al. 2021): argmax of z - tau * log prior
+        f"tau{tau}": (z - tau * log_prior).argmax(1) for tau in (0.5, 1.0)
+    }
     return {
+        **{
+            f"{key}_{name}": fn(y[test], pred)
+            for key, pred in adjusted.items()
+            for name, fn in (
+                ("accuracy", accuracy_score),
+                ("macro_f1", lambda t, p: f1_score(t, p, average="macro")),
+            )
+        },
         "fold": fold,
         "accuracy": accuracy_score(y[test], predicted),
         "macro_f1": f1_score(y[test], predicted, average="macro"),
@@ -128,6 +157,8 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         "classes_predicted": len(set(predicted.tolist())),
         "last_accuracy": accuracy_score(y[test], last),
         "last_macro_f1": f1_score(y[test], last, average="macro"),
+        "swa_accuracy": accuracy_score(y[test], swa),
+        "swa_macro_f1": f1_score(y[test], swa, average="macro"),
         "ece_uncalibrated": expected_calibration_error(before, y[test]),
         "ece": expected_calibration_error(after, y[test]),
         "temperature": t,
@@ -158,13 +189,31 @@ def main(argv: list[str] | None = None) -> int:
         "ece",
         "last_accuracy",
         "last_macro_f1",
+        "swa_accuracy",
+        "swa_macro_f1",
+        "tau0.5_accuracy",
+        "tau0.5_macro_f1",
+        "tau1.0_accuracy",
+        "tau1.0_macro_f1",
     ):
         values = np.array([r[key] for r in results])
         summary[f"{key}_mean"] = float(values.mean())
         summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     line = " | ".join(
         f"{k} {summary[k + '_mean']:.3f} ± {summary[k + '_std']:.3f}"
-        for k in ("accuracy", "macro_f1", "ece", "last_accuracy", "last_macro_f1")
+        for k in (
+            "accuracy",
+            "macro_f1",
+            "ece",
+            "last_accuracy",
+            "last_macro_f1",
+            "swa_accuracy",
+            "swa_macro_f1",
+            "tau0.5_accuracy",
+            "tau0.5_macro_f1",
+            "tau1.0_accuracy",
+            "tau1.0_macro_f1",
+        )
     )
     print(f"{' '.join(argv or sys.argv[1:])} | {line} | {time.time() - started:.0f} s")
     if args.json:
