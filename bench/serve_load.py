@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     source = resolve_model(args.model)
     start_ray()
     url = run(settings, source, forward_token=False)
-    _, panel, _ = load_model(source)
+    panel = load_model(source).panel
     sizes = [int(s) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, Any] = {"http": [], "in_process": []}

@@ -9,21 +9,23 @@
   fine-tuned model): the cell-type head's last hidden layer (128-d), the space the classifier
   separates the types in; ``"encoder"`` (the default for a pretraining checkpoint in ``embed``):
   the mean encoding over the gene positions (``ScBert.embed_cells``, ``dim``-d, what the HTTP API
-  returns). On the laptop-sized demo model the classifier embedding clusters by cell type far
-  better (Leiden ARI vs the labels about 0.5 against 0.1; docs/tutorial.md);
+  returns). The classifier embedding usually clusters by cell type better (bench/RESULTS.md);
 - ``obsm['scbert_proba']`` (every class's probability, columns in ``uns['scbert']['classes']``);
 - ``uns['scbert']``: the model (name, version, alias, URI), panel size and sha256, the input
-  (matrix, raw counts or log1p, genes matched), panel coverage, threshold and counts;
+  (matrix, raw counts or log1p, genes matched), panel coverage, threshold and counts, and the
+  model's preprocessing record with ``preprocessing_source`` (``model``, or ``published
+  defaults`` for a checkpoint without ``preprocessing.json``);
 - with ``majority_vote=True`` (or ``over_clustering`` given): ``obs['scbert_majority_vote']``,
   the most frequent prediction within each cluster of an over-clustering
   (``obs['scbert_over_clustering']``, Leiden on the embedding's neighbour graph, unless
   ``over_clustering`` names an obs column), as CellTypist does.
 
-The expression goes through ingest's own functions: the raw-count checks, the inversion of
-log-normalised input (and the recovery of integer counts where it is exact), panel alignment by
-exact symbol (missing genes 0, unknown genes dropped), ``normalize_total(1e4)``, ``log2(1 + x)``
-and the model's binning. Rows are read ``chunk_cells`` at a time, so a ``backed`` AnnData larger
-than memory streams from its file; ``distributed=True`` spreads the chunks over Ray Data
+The expression goes through ingest's own functions (``scbert_platform.preprocess``): the
+raw-count checks, the inversion of log-normalised input (and the recovery of integer counts where
+it is exact), panel alignment by exact symbol (missing genes 0, unknown genes dropped),
+``normalize_total`` to the model's ``target_sum``, ``log2(1 + x)`` and the model's binning.
+Rows are read ``chunk_cells`` at a time, so a ``backed`` AnnData larger than memory streams from
+its file; ``distributed=True`` spreads the chunks over Ray Data
 ``map_batches`` workers (the CPUs, or GPUs, of the Ray cluster).
 """
 
@@ -39,18 +41,23 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scbert_platform.ingest import (
+from scbert_platform.ingest import h5ad_rows
+from scbert_platform.models import LoadedModel, ModelSource
+from scbert_platform.panel import Panel
+from scbert_platform.preprocess import (
     COUNT_RECOVERY_TOLERANCE,
-    ChunkSpec,
-    IngestError,
-    MatrixSource,
+    PreprocessError,
+    Preprocessing,
     align,
+    bin_tokens,
     count_scale_deviation,
-    read_counts,
+    normalised_values,
+    raised_as,
+    read_expression,
     recover_counts,
 )
-from scbert_platform.models import ModelSource, load_model, resolve_model
-from scbert_platform.panel import Panel
+
+__all__ = ["AnnotationError", "LoadedModel", "annotate", "embed"]
 
 CELL_TYPE = "scbert_cell_type"
 PROBABILITY = "scbert_probability"
@@ -77,7 +84,7 @@ ANNOTATE_HINTS = {
 }
 
 
-class AnnotationError(IngestError):
+class AnnotationError(PreprocessError):
     """Input that cannot be annotated; the message names the problem and the fix."""
 
 
@@ -101,15 +108,17 @@ class ExpressionInput:
     def n_cells(self) -> int:
         return len(self.cell_ids)
 
-    def spec(self, start: int, stop: int) -> ChunkSpec:
-        return ChunkSpec(
-            MatrixSource(self.file or "", self.location),
-            start,
-            stop,
-            self.kind == "log1p",
-            self.log_base,
-            self.cell_ids[start:stop],
-        )
+    def counts(self, rows: Any, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start..stop`` (``rows``: their matrix), checked, log1p inverted, as CSR."""
+        with raised_as(AnnotationError):
+            return read_expression(
+                rows,
+                kind=self.kind,
+                log_base=self.log_base,
+                cell_ids=self.cell_ids[start:stop],
+                where=f" in cells {start}..{stop - 1}",
+                hints=ANNOTATE_HINTS,
+            )
 
 
 def expression_input(
@@ -226,12 +235,13 @@ def _kind(sample: sp.csr_matrix, requested: str, where: str) -> str:
 
 
 @contextmanager
-def _row_reader(found: ExpressionInput, matrix: Any) -> Iterator[Callable[[int, int], Any]]:
+def row_reader(found: ExpressionInput, matrix: Any) -> Iterator[Callable[[int, int], Any]]:
     """``read(start, stop)``: rows of the in-memory matrix, or of the backed file from disk."""
     if matrix is not None:
         yield lambda start, stop: matrix[start:stop]
         return
-    with MatrixSource(found.file or "", found.location).rows() as read:
+    assert found.file is not None  # expression_input: no in-memory matrix means a backed file
+    with h5ad_rows(found.file, found.location) as read:
         yield read
 
 
@@ -259,29 +269,28 @@ def chunk_tokens(
     stop: int,
     positions: np.ndarray,
     n_panel: int,
-    n_bins: int,
+    preprocessing: Preprocessing | int,
 ) -> tuple[Any, sp.csr_matrix, bool]:
-    """(model tokens, panel values, counts recovered?) of rows ``start..stop``: ingest's checks,
-    log1p inversion, count recovery and panel alignment, then ``pyfunc.panel_values`` (the
-    log2(1 + normalised counts) of the panel genes, CSR: one stored value per expressed gene) and
-    their tokens."""
-    from scbert_platform.pyfunc import panel_values, value_tokens
-
-    try:
-        x = read_counts(found.spec(start, stop), read, ANNOTATE_HINTS)
-    except AnnotationError:
-        raise
-    except IngestError as err:  # one exception type for annotate's callers
-        raise AnnotationError(str(err)) from None
+    """(model tokens, panel values, counts recovered?) of rows ``start..stop`` through
+    ``scbert_platform.preprocess``: the count checks, log1p inversion, count recovery, panel
+    alignment, then the values (log2(1 + normalised counts) of the panel genes, CSR: one stored
+    value per expressed gene) and their tokens, with the model's ``preprocessing`` record (an
+    int: the published values with that ``n_bins``)."""
+    record = (
+        preprocessing
+        if isinstance(preprocessing, Preprocessing)
+        else Preprocessing.published(n_bins=preprocessing)
+    )
+    x = found.counts(read(start, stop), start, stop)
     recovered = False
     if found.kind == "log1p" and count_scale_deviation(x) <= COUNT_RECOVERY_TOLERANCE:
         x, recovered = recover_counts(x), True
-    values = panel_values(align(x, positions, n_panel))
-    return value_tokens(values, n_bins=n_bins), values, recovered
+    values = normalised_values(align(x, positions, n_panel), record)
+    return bin_tokens(values, record.n_bins), values, recovered
 
 
 def annotate_chunk(
-    model: Any,
+    loaded: LoadedModel,
     found: ExpressionInput,
     read: Callable[[int, int], Any],
     start: int,
@@ -289,17 +298,16 @@ def annotate_chunk(
     positions: np.ndarray,
     *,
     batch_size: int,
-    device: Any,
     embedding: str,
 ) -> ChunkResult:
     """Probabilities and embeddings of rows ``start..stop``."""
     from scbert_platform.pyfunc import predict_tokens
 
     tokens, values, recovered = chunk_tokens(
-        found, read, start, stop, positions, model.config.n_genes, model.config.n_bins
+        found, read, start, stop, positions, len(loaded.panel), loaded.preprocessing
     )
     proba, cells = predict_tokens(
-        model, tokens, chunk_cells=batch_size, device=device, embedding=embedding
+        loaded.model, tokens, chunk_cells=batch_size, device=loaded.device, embedding=embedding
     )
     index = np.arange(start, stop)
     return ChunkResult(index, proba, cells, np.diff(values.indptr), recovered)
@@ -309,51 +317,26 @@ def annotate_chunk(
 # The API
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to annotate: its source, the model on its device, panel and classes."""
+def embedding_kind(loaded: LoadedModel, requested: str) -> str:
+    """``auto`` -> ``classifier`` for a fine-tuned model, ``encoder`` otherwise."""
+    from scbert_platform.pyfunc import EMBEDDINGS
 
-    source: ModelSource
-    model: Any
-    panel: Panel
-    classes: list[str] | None
-    device: Any
-
-    def embedding_kind(self, requested: str) -> str:
-        """``auto`` -> ``classifier`` for a fine-tuned model, ``encoder`` otherwise."""
-        from scbert_platform.pyfunc import EMBEDDINGS
-
-        if requested == "auto":
-            return "classifier" if self.classes else "encoder"
-        if requested not in EMBEDDINGS:
-            raise AnnotationError(
-                f"embedding must be 'auto' or one of {EMBEDDINGS}, got {requested!r}"
-            )
-        if requested == "classifier" and not self.classes:
-            raise AnnotationError(
-                "embedding='classifier' needs a fine-tuned model; a pretraining checkpoint "
-                "gives embedding='encoder'"
-            )
-        return requested
-
-    def embedding_dim(self, kind: str) -> int:
-        return (
-            int(self.model.config.cls_hidden[1]) if kind == "classifier" else self.model.config.dim
+    if requested == "auto":
+        return "classifier" if loaded.classes else "encoder"
+    if requested not in EMBEDDINGS:
+        raise AnnotationError(f"embedding must be 'auto' or one of {EMBEDDINGS}, got {requested!r}")
+    if requested == "classifier" and not loaded.classes:
+        raise AnnotationError(
+            "embedding='classifier' needs a fine-tuned model; a pretraining checkpoint "
+            "gives embedding='encoder'"
         )
+    return requested
 
-    @classmethod
-    def load(cls, model: Any, *, device: str = "auto", fine_tuned: bool = True) -> LoadedModel:
-        """``model``: a reference (``models:/NAME@ALIAS``, ``models:/NAME/3``, a directory), a
-        ``ModelSource``, or a ``LoadedModel`` (returned as is)."""
-        import torch
 
-        if isinstance(model, LoadedModel):
-            return model
-        source = model if isinstance(model, ModelSource) else resolve_model(str(model))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        net, panel, classes = load_model(source, fine_tuned=fine_tuned)
-        return cls(source, net.to(device), Panel(tuple(panel)), classes, torch.device(device))
+def embedding_dim(loaded: LoadedModel, kind: str) -> int:
+    """Width of the ``kind`` embedding of the model."""
+    config = loaded.config
+    return int(config.cls_hidden[1]) if kind == "classifier" else int(config.dim)
 
 
 def annotate(
@@ -381,8 +364,8 @@ def annotate(
     written where). Returns the AnnData (a copy with ``copy=True``, else ``adata`` itself).
 
     ``model``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a checkpoint or MLflow model
-    directory, or a ``LoadedModel``. ``batch_size``: cells per forward pass (CPU: 32-64 is the
-    fastest per cell). ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
+    directory, or a ``LoadedModel``. ``batch_size``: cells per forward pass (the fastest
+    size per device: bench/RESULTS.md). ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
     ``distributed``: Ray Data ``map_batches`` over ``workers`` actors (default: one per GPU, or
     per two CPUs, of the Ray cluster; joins a running Ray, else starts a local one)."""
     _check_options(threshold, batch_size, chunk_cells, min_prop)
@@ -449,14 +432,14 @@ def _encode(
 ) -> np.ndarray:
     """One pass of the model over the cells: writes ``obsm['X_scbert']``,
     ``obs['scbert_n_genes']`` and ``uns['scbert']``; returns the class probabilities."""
-    kind = loaded.embedding_kind(embedding)
+    kind = embedding_kind(loaded, embedding)
     found, matrix = expression_input(adata, **input_options)
     coverage = _coverage(found, loaded.panel)
     proba, cells, n_genes, recovered = run_chunks(loaded, found, matrix, embedding=kind, **run)
     _forget_derived(adata)
     adata.obsm[EMBEDDING] = cells
     adata.obs["scbert_n_genes"] = n_genes.astype(np.int32)
-    adata.uns[UNS] = _summary(loaded, found, coverage, recovered, kind)
+    adata.uns[UNS] = _summary(loaded, found, coverage, recovered, kind, n_genes)
     return proba
 
 
@@ -521,7 +504,7 @@ def run_chunks(
     )
     n = found.n_cells
     proba = np.zeros((n, len(loaded.classes or [])), dtype=np.float32)
-    cells = np.zeros((n, loaded.embedding_dim(embedding)), dtype=np.float32)
+    cells = np.zeros((n, embedding_dim(loaded, embedding)), dtype=np.float32)
     n_genes = np.zeros(n, dtype=np.int32)
     done = np.zeros(n, dtype=bool)
     flags = set()
@@ -546,17 +529,16 @@ def _local(
     embedding: str,
 ) -> Iterator[ChunkResult]:
     positions = loaded.panel.positions(list(found.genes))
-    with _row_reader(found, matrix) as read:
+    with row_reader(found, matrix) as read:
         for start, stop in ranges:
             yield annotate_chunk(
-                loaded.model,
+                loaded,
                 found,
                 read,
                 start,
                 stop,
                 positions,
                 batch_size=batch_size,
-                device=loaded.device,
                 embedding=embedding,
             )
 
@@ -587,24 +569,23 @@ class _ChunkWorker:
         and the message in ``error``: Ray would keep only its text, and retrying cannot help."""
         parts = []
         try:
-            with _row_reader(self.found, self.matrix) as read:
+            with row_reader(self.found, self.matrix) as read:
                 for start, stop in zip(batch["start"], batch["stop"], strict=True):
                     parts.append(
                         annotate_chunk(
-                            self.loaded.model,
+                            self.loaded,
                             self.found,
                             read,
                             int(start),
                             int(stop),
                             self.positions,
                             batch_size=self.batch_size,
-                            device=self.loaded.device,
                             embedding=self.embedding,
                         )
                     )
-        except IngestError as err:
+        except PreprocessError as err:
             n_classes = len(self.loaded.classes or [])
-            dim = self.loaded.embedding_dim(self.embedding)
+            dim = embedding_dim(self.loaded, self.embedding)
             parts = [
                 ChunkResult(
                     np.array([-1]), np.zeros((1, n_classes)), np.zeros((1, dim)), np.zeros(1), False
@@ -709,6 +690,7 @@ def _summary(
     coverage: dict[str, Any],
     recovered: str,
     embedding: str,
+    n_genes: np.ndarray,
 ) -> dict[str, Any]:
     """``uns['scbert']``: no None values (h5ad cannot store them)."""
     summary: dict[str, Any] = {
@@ -722,6 +704,12 @@ def _summary(
         },
         **coverage,
         "n_cells": found.n_cells,
+        # the model's preprocessing record (preprocessing.json), or the published values for a
+        # model without one: ``preprocessing_source`` says which
+        "preprocessing": {k: v for k, v in loaded.preprocessing.to_dict().items() if v is not None},
+        "preprocessing_source": loaded.preprocessing_source,
+        # annotated all the same; the model never saw such cells (ingest's QC dropped them)
+        "n_cells_below_min_genes": int((n_genes < loaded.preprocessing.min_genes).sum()),
         "embedding": embedding,
     }
     return summary
@@ -822,29 +810,24 @@ def predictions_table(adata: Any) -> Any:
 
 
 def write_h5ad(adata: Any, out: str, *, source: str | None = None) -> None:
-    """Write the annotated AnnData to ``out`` atomically. A backed AnnData (``source``: its
-    file) is not loaded: the file is copied and only obs, obsm, obsp and uns are rewritten."""
-    import os
+    """Write the annotated AnnData to ``out`` atomically (``scbert.atomic.atomic_file``). A
+    backed AnnData (``source``: its file) is not loaded: the file is copied and only obs, obsm,
+    obsp and uns are rewritten."""
     import shutil
-    from pathlib import Path
 
     import h5py
     from anndata.io import write_elem
 
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    try:
+    from scbert.atomic import atomic_file
+
+    with atomic_file(out) as partial:
         if source is None:
             adata.write_h5ad(partial)
-        else:
-            shutil.copyfile(source, partial)
-            with h5py.File(partial, "r+") as f:
-                for key in ("obs", "obsm", "obsp", "uns"):
-                    if key in f:
-                        del f[key]
-                    value = getattr(adata, key)
-                    write_elem(f, key, value if key == "obs" else dict(value))
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+            return
+        shutil.copyfile(source, partial)
+        with h5py.File(partial, "r+") as f:
+            for key in ("obs", "obsm", "obsp", "uns"):
+                if key in f:
+                    del f[key]
+                value = getattr(adata, key)
+                write_elem(f, key, value if key == "obs" else dict(value))

@@ -31,12 +31,12 @@ from scbert_platform.annotation import (
     CELL_TYPE,
     DEFAULT_CHUNK_CELLS,
     AnnotationError,
-    LoadedModel,
-    _row_reader,
     chunk_ranges,
     chunk_tokens,
     expression_input,
+    row_reader,
 )
+from scbert_platform.models import LoadedModel
 
 RANKINGS = ("attention", "specificity")
 
@@ -110,12 +110,12 @@ def explain(
     total, total_sq = np.zeros(n_panel), np.zeros(n_panel)
     net = loaded.model
     with (
-        _row_reader(found, matrix) as read,
+        row_reader(found, matrix) as read,
         progress_bar(total=found.n_cells, unit="cell", desc="explain", disable=not progress) as bar,
     ):
         for start, stop in chunk_ranges(found.n_cells, chunk_cells):
             tokens, values, _ = chunk_tokens(
-                found, read, start, stop, positions, n_panel, net.config.n_bins
+                found, read, start, stop, positions, n_panel, loaded.preprocessing
             )
             sums = torch.cat(
                 [

@@ -1,8 +1,11 @@
 """``scbert ingest``: raw counts -> validated, panel-aligned, normalised Parquet cell shards.
 
-Steps, as published (DESIGN.md): align the genes to the panel by symbol (or by a ``var`` id
-column), drop cells with fewer than ``min_genes`` expressed panel genes, ``normalize_total`` to
-``target_sum``, ``log2(1 + x)``. Binning happens at load time (``scbert_platform.loader``).
+Steps, as published (DESIGN.md), each a function of ``scbert_platform.preprocess`` shared with
+every inference path: validate the counts, align the genes to the panel by symbol (or by a
+``var`` id column), drop cells with fewer than ``min_genes`` expressed panel genes,
+``normalize_total`` to ``target_sum``, ``log2(1 + x)``. Binning happens at load time
+(``scbert_platform.loader``); the manifest records the values, and training copies them into the
+model's ``preprocessing.json``.
 
 The input is read in row chunks straight from the HDF5 file (no whole-matrix load), one task per
 chunk, on Ray Data (or in this process for inputs of a single chunk, with the same functions):
@@ -41,19 +44,27 @@ import scipy.sparse as sp
 from scbert.atomic import atomic_directory, check_output
 from scbert_platform.panel import Panel, PanelError
 from scbert_platform.params import DataParams
+from scbert_platform.preprocess import (
+    COUNT_RECOVERY_TOLERANCE,
+    PreprocessError,
+    align,
+    count_scale_deviation,
+    log_normalise,
+    qc,
+    raised_as,
+    read_expression,
+    recover_counts,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PANEL_FILE = "panel.txt"
-# recovering counts from log-normalised input: scaled values within this relative distance of
-# integers are counts (stored log values are often rounded, e.g. to 3 decimals)
-COUNT_RECOVERY_TOLERANCE = 0.01
 # zstd-compressed bytes per stored non-zero (uint16 index + float32 value); 2.37 measured on
 # 100,000 synthetic cells x 16,906 genes (shards of 68 MB at 3.5)
 BYTES_PER_NONZERO = 2.4
 
 
-class IngestError(ValueError):
+class IngestError(PreprocessError):
     """Input that cannot be ingested; the message names the problem and the fix."""
 
 
@@ -74,37 +85,43 @@ class MatrixSource:
     path: str
     location: str  # "X", "layers/<name>" or "raw/X"
 
-    @contextmanager
-    def rows(self) -> Iterator[Callable[[int, int], sp.csr_matrix]]:
-        """A reader of row ranges ``[start, stop)`` as CSR, with the file open.
+    def rows(self) -> AbstractContextManager[Callable[[int, int], sp.csr_matrix]]:
+        """``h5ad_rows`` of this matrix."""
+        return h5ad_rows(self.path, self.location)
 
-        Reads only the rows asked for: a dense dataset by slicing, a CSR group through its
-        ``indptr`` (the current and the pre-0.7 anndata layouts); CSC is loaded once.
-        """
-        import h5py
 
-        with _reading(self.path), h5py.File(self.path, "r") as f:
-            elem = f[self.location]
-            if isinstance(elem, h5py.Dataset):
-                yield lambda start, stop: sp.csr_matrix(elem[start:stop])
-                return
-            layout, shape = sparse_layout(elem)
-            if layout == "csc":  # row slices of CSC touch the whole matrix: load it once
-                whole = sp.csc_matrix(
-                    (elem["data"][:], elem["indices"][:], elem["indptr"][:]), shape=shape
-                ).tocsr()
-                yield lambda start, stop: whole[start:stop]
-                return
+@contextmanager
+def h5ad_rows(path: str, location: str) -> Iterator[Callable[[int, int], sp.csr_matrix]]:
+    """A reader of row ranges ``[start, stop)`` of the matrix at ``location`` ("X",
+    "layers/<name>", "raw/X") of the .h5ad ``path``, as CSR, with the file open.
 
-            def read(start: int, stop: int) -> sp.csr_matrix:
-                indptr = elem["indptr"][start : stop + 1].astype(np.int64)
-                lo, hi = int(indptr[0]), int(indptr[-1])
-                return sp.csr_matrix(
-                    (elem["data"][lo:hi], elem["indices"][lo:hi], indptr - lo),
-                    shape=(stop - start, shape[1]),
-                )
+    Reads only the rows asked for: a dense dataset by slicing, a CSR group through its
+    ``indptr`` (the current and the pre-0.7 anndata layouts); CSC is loaded once.
+    """
+    import h5py
 
-            yield read
+    with _reading(path), h5py.File(path, "r") as f:
+        elem = f[location]
+        if isinstance(elem, h5py.Dataset):
+            yield lambda start, stop: sp.csr_matrix(elem[start:stop])
+            return
+        layout, shape = sparse_layout(elem)
+        if layout == "csc":  # row slices of CSC touch the whole matrix: load it once
+            whole = sp.csc_matrix(
+                (elem["data"][:], elem["indices"][:], elem["indptr"][:]), shape=shape
+            ).tocsr()
+            yield lambda start, stop: whole[start:stop]
+            return
+
+        def read(start: int, stop: int) -> sp.csr_matrix:
+            indptr = elem["indptr"][start : stop + 1].astype(np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            return sp.csr_matrix(
+                (elem["data"][lo:hi], elem["indices"][lo:hi], indptr - lo),
+                shape=(stop - start, shape[1]),
+            )
+
+        yield read
 
 
 def sparse_layout(group: Any) -> tuple[str, tuple[int, int]]:
@@ -425,37 +442,18 @@ def read_counts(
     rows: Callable[[int, int], sp.csr_matrix],
     hints: dict[str, str] | None = None,
 ) -> sp.csr_matrix:
-    """Rows of the input, validated; log-normalised input is inverted to normalised values."""
-    hints = hints or INGEST_HINTS
-    x = sp.csr_matrix(rows(spec.start, spec.stop), dtype=np.float64)
-    x.sum_duplicates()
-    check_counts(
-        x,
-        lambda entry: _cell_of(x, spec, entry),
-        integers=not spec.input_normalized,
-        where=f" in cells {spec.start}..{spec.stop - 1}",
-        hints=hints,
-    )
-    if spec.input_normalized:
-        if x.nnz and np.all(x.data == np.round(x.data)):
-            raise IngestError(
-                f"the input was declared log-normalised, but every value is an integer (up to "
-                f"{x.data.max():.0f}): they look like raw counts; {hints['looks_raw']}"
-            )
-        x.data = np.expm1(x.data) if spec.log_base is None else np.power(spec.log_base, x.data) - 1
-    x.eliminate_zeros()
-    return x
+    """Rows of the input, validated; log-normalised input is inverted to normalised values
+    (``preprocess.read_expression``)."""
+    with raised_as(IngestError):
+        return read_expression(
+            rows(spec.start, spec.stop),
+            kind="log1p" if spec.input_normalized else "counts",
+            log_base=spec.log_base,
+            cell_ids=spec.cell_ids,
+            where=f" in cells {spec.start}..{spec.stop - 1}",
+            hints=hints or INGEST_HINTS,
+        )
 
-
-def recover_counts(x: sp.csr_matrix) -> sp.csr_matrix:
-    """Integer counts from normalised values (counts times a per-cell factor): each cell divided
-    by its smallest value (almost always a count of 1), rounded; see ``count_scale_deviation``."""
-    x = x.copy()
-    x.data = np.round(x.data / np.repeat(_row_min(x), np.diff(x.indptr)))
-    return x
-
-
-MAX_COUNT = 2**31 - 1  # larger values are no counts, and overflow float32 normalisation
 
 INGEST_HINTS = {
     "finite": "fix or drop those cells before ingesting",
@@ -465,80 +463,6 @@ INGEST_HINTS = {
     "read the counts from another matrix with --layer NAME or --use-raw",
     "looks_raw": "drop --input-normalized (it is for log1p of normalised counts)",
 }
-
-
-def check_counts(
-    x: sp.csr_matrix,
-    cell_of: Callable[[int], str],
-    *,
-    integers: bool = True,
-    where: str = "",
-    hints: dict[str, str] = INGEST_HINTS,
-) -> None:
-    """The raw-count rules of ingest (and of serving): every value finite, none negative and,
-    with ``integers``, all integers. ``cell_of(entry)`` names the cell of ``x.data[entry]``;
-    the error names the first offending cell and ends with ``hints`` for that rule."""
-    bad = ~np.isfinite(x.data)
-    if bad.any():
-        raise IngestError(
-            f"{int(bad.sum())} NaN/inf values{where} (first in cell "
-            f"{cell_of(int(np.flatnonzero(bad)[0]))!r}): {hints['finite']}"
-        )
-    huge = x.data > MAX_COUNT
-    if huge.any():
-        first = int(np.flatnonzero(huge)[0])
-        raise IngestError(
-            f"value {x.data[first]:.4g} in cell {cell_of(first)!r} is larger than any count "
-            f"(at most {MAX_COUNT}; normalisation in float32 would overflow): {hints['finite']}"
-        )
-    negative = x.data < 0
-    if negative.any():
-        raise IngestError(
-            f"negative values in cell {cell_of(int(np.flatnonzero(negative)[0]))!r}: counts "
-            f"must be >= 0 ({hints['negative']})"
-        )
-    fractional = x.data != np.round(x.data)
-    if integers and fractional.any():
-        first = int(np.flatnonzero(fractional)[0])
-        raise IngestError(
-            f"non-integer value {x.data[first]:.4g} in cell {cell_of(first)!r}: {hints['integer']}"
-        )
-
-
-def _cell_of(x: sp.csr_matrix, spec: ChunkSpec, entry: int) -> str:
-    return spec.cell_ids[int(np.searchsorted(x.indptr, entry, side="right")) - 1]
-
-
-def count_scale_deviation(x: sp.csr_matrix) -> float:
-    """Relative distance of ``x / (each cell's smallest value)`` from integers (0: recoverable).
-
-    Log-normalised data is counts times a per-cell factor; a cell's smallest non-zero value is
-    almost always a count of 1, so dividing by it recovers the counts.
-    """
-    if x.nnz == 0:
-        return 0.0
-    scaled = x.data / np.repeat(_row_min(x), np.diff(x.indptr))
-    rounded = np.round(scaled)
-    return float((np.abs(scaled - rounded) / np.maximum(rounded, 1.0)).max())
-
-
-def _row_min(x: sp.csr_matrix) -> np.ndarray:
-    """Smallest stored value of each row (1.0 for empty rows)."""
-    out = np.ones(x.shape[0])
-    nonempty = np.diff(x.indptr) > 0
-    out[nonempty] = np.minimum.reduceat(x.data, x.indptr[:-1][nonempty])
-    return out
-
-
-def align(x: sp.csr_matrix, positions: np.ndarray, n_panel: int) -> sp.csr_matrix:
-    """Columns renamed to panel positions (genes not in the panel dropped), sorted per row."""
-    cols = positions[x.indices]
-    keep = cols >= 0
-    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=x.shape[0]))])
-    aligned = sp.csr_matrix((x.data[keep], cols[keep], indptr), shape=(x.shape[0], n_panel))
-    aligned.sort_indices()
-    return aligned
 
 
 def gene_cell_counts(spec: ChunkSpec) -> np.ndarray:
@@ -592,17 +516,6 @@ class ShardResult:
     n_counts_total: float
 
 
-def normalise(x: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
-    """scanpy's normalize_total(target_sum) then log1p(base=2): v = log2(1 + x)."""
-    import anndata
-    import scanpy as sc
-
-    adata = anndata.AnnData(x.astype(np.float32))
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata, base=2)
-    return sp.csr_matrix(adata.X)
-
-
 def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardResult:
     """Transform the kept cells of the shard's chunks and write one Parquet file."""
     import pyarrow as pa
@@ -618,7 +531,7 @@ def write_shard(spec: ShardSpec, positions: np.ndarray, n_panel: int) -> ShardRe
         if spec.recover_counts:
             x = recover_counts(x)
         counts = align(x, positions, n_panel)[keep]
-        values = normalise(counts, spec.target_sum)
+        values = log_normalise(counts, spec.target_sum)
         tables.append(
             cells_table(
                 [chunk.cell_ids[i] for i in keep],
@@ -910,8 +823,7 @@ def _ingest(
             if recover
             else f"counts not recoverable (deviation {deviation:.3g}): normalised values used"
         )
-    low = n_genes < params.min_genes
-    empty = ~low & (n_counts <= 0)
+    low, empty = qc(n_genes, n_counts, params.min_genes)
     keep = ~(low | empty)
     kept_rows = np.flatnonzero(keep)
     if kept_rows.size == 0:
@@ -1047,9 +959,14 @@ def _manifest(
         },
         "preprocessing": {
             "align": "by " + (params.gene_id_column or "var_names") + "; missing genes = 0",
+            "input": "log1p" if params.input_normalized else "counts",
+            "gene_id_column": params.gene_id_column or None,
             "min_genes": params.min_genes,
             "normalize_total": params.target_sum,
+            "target_sum": params.target_sum,
             "log": "log2(1 + x)",
+            "log_base": 2.0,
+            "binning": "at load time: min(value, model.n_bins) truncated (scbert.tokens)",
             "params": asdict(params),
         },
         "genes": {

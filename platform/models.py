@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scbert_platform.panel import Panel
+from scbert_platform.preprocess import Preprocessing, model_preprocessing
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -67,11 +70,47 @@ def resolve_model(ref: str) -> ModelSource:
     return ModelSource(str(path), path.name)
 
 
-def load_model(
-    source: ModelSource, *, fine_tuned: bool = True
-) -> tuple[Any, list[str], list[str] | None]:
-    """(model in eval mode, panel, class names) from a source. With ``fine_tuned=False`` a
-    pretraining checkpoint is accepted too (its class names are None): embeddings need no head."""
+@dataclass
+class LoadedModel:
+    """A model ready to use: where it came from, the network (eval mode, on ``device``), its
+    panel, class names (None for a pretraining checkpoint) and preprocessing record.
+    ``preprocessing_source``: ``model`` (its ``preprocessing.json``) or ``published defaults``
+    (a checkpoint without one)."""
+
+    source: ModelSource
+    model: Any
+    panel: Panel
+    classes: list[str] | None
+    preprocessing: Preprocessing
+    preprocessing_source: str
+    device: Any = "cpu"
+
+    @property
+    def config(self) -> Any:
+        """The network's ``ScBertConfig``."""
+        return self.model.config
+
+    @classmethod
+    def load(cls, model: Any, *, device: str = "auto", fine_tuned: bool = True) -> LoadedModel:
+        """``model``: a reference (``models:/NAME@ALIAS``, ``models:/NAME/3``, a directory), a
+        ``ModelSource``, or a ``LoadedModel`` (returned as is). ``device``: ``auto`` = CUDA when
+        present."""
+        import torch
+
+        if isinstance(model, LoadedModel):
+            return model
+        source = model if isinstance(model, ModelSource) else resolve_model(str(model))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_model(source, fine_tuned=fine_tuned, device=device)
+
+
+def load_model(source: ModelSource, *, fine_tuned: bool = True, device: str = "cpu") -> LoadedModel:
+    """The model of a source, in eval mode on ``device``, with its panel, class names and
+    preprocessing record. With ``fine_tuned=False`` a pretraining checkpoint is accepted too
+    (its class names are None): embeddings need no head."""
+    import torch
+
     from scbert import load_pretrained
 
     if (Path(source.uri) / "config.json").is_file():
@@ -81,11 +120,19 @@ def load_model(
                 f"{source.uri} is a pretraining checkpoint (no labels.json): cell types need a "
                 "fine-tuned one (scbert finetune --out DIR)"
             )
-        return bundle.model.eval(), list(bundle.panel), bundle.labels
-    import mlflow
+        panel = Panel(tuple(bundle.panel))
+        record, where = model_preprocessing(
+            source.uri, n_bins=bundle.model.config.n_bins, panel_sha256=panel.sha256
+        )
+        net, classes = bundle.model, bundle.labels
+    else:
+        import mlflow
 
-    if source.tracking_uri:
-        mlflow.set_tracking_uri(source.tracking_uri)
-        mlflow.set_registry_uri(source.tracking_uri)
-    annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
-    return annotator.model.eval(), list(annotator.panel), list(annotator.labels)
+        if source.tracking_uri:
+            mlflow.set_tracking_uri(source.tracking_uri)
+            mlflow.set_registry_uri(source.tracking_uri)
+        annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
+        net, panel, classes = annotator.model, Panel(tuple(annotator.panel)), list(annotator.labels)
+        record, where = annotator.preprocessing, annotator.preprocessing_source
+    on = torch.device(device)
+    return LoadedModel(source, net.eval().to(on), panel, classes, record, where, on)

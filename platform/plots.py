@@ -2,7 +2,8 @@
 
 - ``umap.png``: UMAP of the scBERT embedding (``obsm['X_scbert']``) coloured by predicted type and,
   when labels are given, by the true labels; titles carry the adjusted Rand index (paper Fig. 5d);
-- ``confusion.png``: true labels x predicted types (Unassigned included), row-normalised;
+- ``confusion.png``: true labels x predicted types (Unassigned included), row-normalised
+  (``metrics.confusion_matrix_png``);
 - ``probability.png``: the top-class probability of each cell, with the Unassigned threshold;
 - ``scores.json``: the ARI of a Leiden clustering of the embedding and of the raw expression
   against the labels, accuracy, and the cluster counts and resolutions behind them.
@@ -34,6 +35,7 @@ from scbert_platform.annotation import (
     expression_input,
     leiden,
 )
+from scbert_platform.preprocess import Preprocessing, normalised_values
 
 RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 31))  # 0.1 .. 3.0
 
@@ -99,20 +101,26 @@ def cluster_matched(
     return {"n_clusters": best[0], "resolution": best[1]}
 
 
-def expression_view(adata: Any, **input_options: Any) -> Any:
-    """An AnnData of the input's expression as the model's preprocessing leaves it before binning
-    (every input gene, normalize_total 1e4, log2(1 + x)), with 50 PCs: the raw-expression side
-    of the comparison."""
+def annotated_preprocessing(adata: Any) -> Preprocessing:
+    """The model's preprocessing record as annotate stored it in ``uns['scbert']`` (the published
+    values for an AnnData annotated before the record was stored)."""
+    stored = dict(adata.uns.get(UNS, {}).get("preprocessing", {}))
+    return Preprocessing.from_dict(Preprocessing.published().to_dict() | stored)
+
+
+def expression_view(adata: Any, *, preprocessing: Preprocessing, **input_options: Any) -> Any:
+    """An AnnData of the input's expression as the model's ``preprocessing`` leaves it before
+    binning (every input gene, ``normalize_total`` to its target_sum, ``log2(1 + x)``), with 50
+    PCs: the raw-expression side of the comparison."""
     import anndata
     import scanpy as sc
 
-    from scbert_platform.annotation import ANNOTATE_HINTS, _row_reader
-    from scbert_platform.ingest import normalise, read_counts
+    from scbert_platform.annotation import row_reader
 
     found, matrix = expression_input(adata, **input_options)
-    with _row_reader(found, matrix) as read:
-        counts = read_counts(found.spec(0, found.n_cells), read, ANNOTATE_HINTS)
-    view = anndata.AnnData(normalise(counts, 1e4))
+    with row_reader(found, matrix) as read:
+        counts = found.counts(read(0, found.n_cells), 0, found.n_cells)
+    view = anndata.AnnData(normalised_values(counts, preprocessing))
     view.obs_names = list(found.cell_ids)
     sc.pp.pca(view, n_comps=min(50, view.n_vars - 1, view.n_obs - 1), random_state=0)
     sc.pp.neighbors(view, use_rep="X_pca", random_state=0)
@@ -138,7 +146,7 @@ def clustering_scores(adata: Any, label_key: str, **input_options: Any) -> dict[
         adata, neighbors_key=embedding_neighbors(adata), n_target=n_labels, key_added=LEIDEN
     )
     embedding["ari"] = float(adjusted_rand_score(labels[known], adata.obs[LEIDEN][known]))
-    view = expression_view(adata, **input_options)
+    view = expression_view(adata, preprocessing=annotated_preprocessing(adata), **input_options)
     expression = cluster_matched(
         view, neighbors_key="neighbors", n_target=n_labels, key_added="leiden"
     )
@@ -217,35 +225,29 @@ def umap_figure(
 
 
 def confusion_figure(adata: Any, path: str | Path, *, label_key: str) -> Path:
-    """True labels (rows) x predicted types (columns), each row normalised; counts printed."""
-    import matplotlib.pyplot as plt
+    """True labels (rows) x predicted types (columns, Unassigned last), each row normalised,
+    accuracy in the title: ``metrics.confusion_matrix_png``, as for the training test report."""
     import pandas as pd
+
+    from scbert import UNASSIGNED
+    from scbert_platform.metrics import confusion_matrix_png
 
     _need(adata, CELL_TYPE)
     labels = _labels(adata, label_key)
     known = labels.notna().to_numpy()
-    table = pd.crosstab(labels[known], adata.obs[CELL_TYPE].astype(str)[known])
-    columns = [c for c in sorted(table.index) if c in table.columns]
-    columns += [c for c in table.columns if c not in columns]
-    table = table.reindex(columns=columns, fill_value=0)
-    share = table.div(table.sum(axis=1), axis=0)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(columns), 1.2 + 0.45 * len(table)))
-    image = ax.imshow(share.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    for (i, j), count in np.ndenumerate(table.to_numpy()):
-        if count:
-            ax.text(
-                j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if share.iloc[i, j] > 0.6 else "black",
-            )  # fmt: skip
-    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(table)), table.index, fontsize=8)
-    ax.set_xlabel("scBERT prediction")
-    ax.set_ylabel(f"true label ({label_key})")
-    accuracy = float(np.trace(table.reindex(columns=table.index, fill_value=0).to_numpy()))
-    ax.set_title(f"confusion matrix: accuracy {accuracy / table.to_numpy().sum():.3f}", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.04, label="share of the row")
-    fig.tight_layout()
-    return _save(fig, path)
+    true, predicted = labels[known], adata.obs[CELL_TYPE].astype(str)[known]
+    classes = sorted(set(true) | (set(predicted) - {UNASSIGNED}))
+    table = pd.crosstab(true, predicted)
+    unassigned = table.get(UNASSIGNED, pd.Series(0, index=table.index))
+    square = table.reindex(index=classes, columns=classes, fill_value=0)
+    accuracy = float((true.to_numpy() == predicted.to_numpy()).mean())
+    return confusion_matrix_png(
+        square.to_numpy(),
+        classes,
+        path,
+        title=f"{label_key} vs scBERT: accuracy {accuracy:.3f}",
+        unassigned=unassigned.reindex(classes, fill_value=0).astype(int).tolist(),
+    )
 
 
 def probability_figure(

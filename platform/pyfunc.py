@@ -4,8 +4,10 @@ Input: a pandas DataFrame of raw counts, one row per cell and one column per pan
 logged signature lists them; the model's ``panel.txt`` artifact too), or an AnnData with raw
 counts in ``.X`` and any genes (through ``unwrap_python_model().predict``: MLflow's schema
 checks take DataFrames only; panel genes missing from the AnnData count as 0).
-The counts go through the same functions as ``scbert ingest``: panel alignment,
-``normalize_total(1e4)``, ``log2(1 + x)``, then binning as at training time.
+The counts go through the same functions as ``scbert ingest`` (``scbert_platform.preprocess``):
+panel alignment, ``normalize_total``, ``log2(1 + x)`` and binning, with the values of the
+model's preprocessing record (``preprocessing.json`` in the checkpoint artifact; the published
+values, with a warning, for a checkpoint without one).
 Output: a DataFrame with ``cell_type`` (``Unassigned`` when the top probability is below the
 threshold, paper: 0.5), ``probability`` and one ``p_<class>`` column per class.
 """
@@ -17,8 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from scbert_platform.ingest import IngestError, align, check_counts, normalise
+from scbert_platform.ingest import IngestError
 from scbert_platform.panel import Panel
+from scbert_platform.preprocess import (
+    Preprocessing,
+    align,
+    as_counts_matrix,
+    bin_tokens,
+    cell_namer,
+    check_counts,
+    log_normalise,
+    raised_as,
+    tokens_from_counts,
+)
 
 CHECKPOINT = "checkpoint"
 
@@ -39,52 +52,56 @@ def aligned_counts(
     hints: dict[str, str] = SERVING_HINTS,
 ) -> Any:
     """Raw counts (cells x ``genes``), checked by ingest's rules (finite, >= 0, integers), as a
-    CSR matrix of cells x panel genes (genes outside the panel dropped, missing ones 0)."""
-    import scipy.sparse as sp
+    CSR matrix of cells x panel genes (genes outside the panel dropped, missing ones 0).
+    Bad counts are an ``IngestError`` (a ``PreprocessError``), as Serve expects."""
+    with raised_as(IngestError):
+        matrix = as_counts_matrix(counts)
+        check_counts(matrix, cell_namer(matrix, cell_ids), hints=hints)
+        panel = panel if isinstance(panel, Panel) else Panel(tuple(panel))
+        positions = panel.positions(genes)
+        if not (positions >= 0).any():
+            raise IngestError(
+                f"none of the {len(genes)} input genes is in the model's panel of {len(panel)} "
+                f"genes (it starts {', '.join(panel.genes[:3])}; symbols are matched exactly)"
+            )
+        return align(matrix, positions, len(panel))
 
-    matrix = sp.csr_matrix(counts, dtype=np.float64)
-    matrix.sum_duplicates()
 
-    def cell_of(entry: int) -> str:
-        row = int(np.searchsorted(matrix.indptr, entry, side="right")) - 1
-        return str(cell_ids[row]) if cell_ids is not None else f"row {row}"
-
-    check_counts(matrix, cell_of, hints=hints)
-    panel = panel if isinstance(panel, Panel) else Panel(tuple(panel))
-    positions = panel.positions(genes)
-    if not (positions >= 0).any():
-        raise IngestError(
-            f"none of the {len(genes)} input genes is in the model's panel of {len(panel)} "
-            f"genes (it starts {', '.join(panel.genes[:3])}; symbols are matched exactly)"
-        )
-    return align(matrix, positions, len(panel))
+# The keyword forms below are kept for callers that pass the values one by one (Serve);
+# a model's values come from its record: ``preprocess.tokens_from_counts(aligned, record)``.
 
 
 def panel_values(aligned: Any, *, target_sum: float = 1e4) -> Any:
     """Aligned counts -> log2(1 + normalised counts) (CSR, same sparsity), as ingest writes them."""
-    return normalise(aligned, target_sum) if aligned.nnz else aligned
+    return log_normalise(aligned, target_sum)
 
 
 def value_tokens(values: Any, *, n_bins: int) -> Any:
     """``panel_values`` -> model tokens (cells, n_panel + 1), binned as at training time."""
-    from scbert import tokenize
-
-    tokens = tokenize(values, n_bins)
-    tokens[np.diff(values.indptr) == 0] = 0
-    return tokens
+    return bin_tokens(values, n_bins)
 
 
 def panel_tokens(aligned: Any, *, n_bins: int, target_sum: float = 1e4) -> Any:
     """Aligned counts -> model tokens (cells, n_panel + 1): normalised and binned as ingest does."""
-    return value_tokens(panel_values(aligned, target_sum=target_sum), n_bins=n_bins)
+    return bin_tokens(log_normalise(aligned, target_sum), n_bins)
 
 
 def counts_to_tokens(
-    counts: Any, genes: list[str], panel: list[str] | Panel, *, n_bins: int, target_sum: float = 1e4
+    counts: Any,
+    genes: list[str],
+    panel: list[str] | Panel,
+    *,
+    n_bins: int | None = None,
+    target_sum: float = 1e4,
+    preprocessing: Preprocessing | None = None,
 ) -> Any:
-    """Raw counts (cells x ``genes``) -> model tokens (cells, len(panel) + 1), as ingest does."""
-    aligned = aligned_counts(counts, genes, panel)
-    return panel_tokens(aligned, n_bins=n_bins, target_sum=target_sum)
+    """Raw counts (cells x ``genes``) -> model tokens (cells, len(panel) + 1), as ingest does:
+    with ``preprocessing`` (the model's record), else with ``n_bins`` and ``target_sum``."""
+    if preprocessing is None:
+        if n_bins is None:
+            raise TypeError("counts_to_tokens needs the model's preprocessing record or n_bins")
+        preprocessing = Preprocessing(target_sum=target_sum, n_bins=n_bins)
+    return tokens_from_counts(aligned_counts(counts, genes, panel), preprocessing)
 
 
 EMBEDDINGS = ("encoder", "classifier")
@@ -145,13 +162,20 @@ class ScBertAnnotator:
 
     def load_context(self, context: Any) -> None:
         from scbert import load_pretrained
+        from scbert_platform.preprocess import model_preprocessing
 
-        bundle = load_pretrained(context.artifacts[CHECKPOINT])
+        directory = context.artifacts[CHECKPOINT]
+        bundle = load_pretrained(directory)
         if bundle.labels is None:
             raise ValueError("the pyfunc needs a fine-tuned checkpoint (with labels.json)")
         self.model = bundle.model.eval()
         self.panel = bundle.panel
         self.labels = bundle.labels
+        self.preprocessing, self.preprocessing_source = model_preprocessing(
+            directory,
+            n_bins=self.model.config.n_bins,
+            panel_sha256=Panel(tuple(bundle.panel)).sha256,
+        )
 
     # no type hints on the arguments: MLflow would try to derive a signature from them
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
@@ -168,7 +192,7 @@ class ScBertAnnotator:
             )
         threshold = float((params or {}).get("threshold", self.threshold))
         tokens = counts_to_tokens(
-            counts, [str(g) for g in genes], self.panel, n_bins=self.model.config.n_bins
+            counts, [str(g) for g in genes], self.panel, preprocessing=self.preprocessing
         )
         proba, _ = predict_tokens(self.model, tokens)
         out = pd.DataFrame(
@@ -253,12 +277,17 @@ def shard_counts(
 ) -> tuple[Any, Any]:
     """Raw counts rebuilt from ingested shards: (cells x panel DataFrame, obs DataFrame with each
     cell's ``label`` and ``fold``);
-    counts = (2**value - 1) * n_counts / 1e4 rounded, the inverse of ingest's normalisation
-    (exact for integer counts, so the model sees the same tokens as in training)."""
+    counts = (2**value - 1) * n_counts / target_sum rounded (the manifest's target_sum), the
+    inverse of ingest's normalisation (exact for integer counts, so the model sees the same
+    tokens as in training)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
+    from scbert_platform.ingest import read_manifest
     from scbert_platform.loader import shard_files
+
+    # the shards' target_sum and log base (binning plays no part in inverting them)
+    record = Preprocessing.from_manifest(read_manifest(shards), n_bins=1)
 
     rows: list[dict[str, Any]] = []
     for path in shard_files(shards):
@@ -268,8 +297,8 @@ def shard_counts(
     rows = rows[:n_cells] if n_cells is not None else rows
     counts = np.zeros((len(rows), len(panel)))
     for row, cell in enumerate(rows):
-        values = np.exp2(np.asarray(cell["value"], dtype=np.float64)) - 1
-        counts[row, cell["gene_idx"]] = np.round(values * cell["n_counts"] / 1e4)
+        values = np.power(record.log_base, np.asarray(cell["value"], dtype=np.float64)) - 1
+        counts[row, cell["gene_idx"]] = np.round(values * cell["n_counts"] / record.target_sum)
     index = [c["cell_id"] for c in rows]
     obs = pd.DataFrame(
         {"label": [c.get("label") for c in rows], "fold": [c.get("fold") for c in rows]},

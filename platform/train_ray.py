@@ -35,6 +35,7 @@ from scbert_platform.loader import (
     iter_local_batches,
 )
 from scbert_platform.params import Params
+from scbert_platform.preprocess import Preprocessing
 from scbert_platform.splits import CellSplit
 from scbert_platform.training import (
     LOSSES,
@@ -784,6 +785,12 @@ def _fit_once(
                 raise CollapsedRun(f"run {run_name} collapsed: {err}") from None
             mlflow.log_metrics(checked)
             metrics |= checked
+        # beside the weights (after calibration, whose save replaces the directory): how the
+        # training cells were preprocessed, read by every inference path
+        saved_config = json.loads((final / MODEL_DIR / "config.json").read_text())["config"]
+        record = Preprocessing.from_manifest(manifest, n_bins=int(saved_config["n_bins"]))
+        record.write(final / MODEL_DIR)
+        mlflow.set_tags(record.tags())
         if task == "finetune" and split.has_test:
             metrics |= _log_test_evaluation(final / MODEL_DIR, shards, split, params)
         mlflow.log_artifacts(str(final / MODEL_DIR), "model")

@@ -6,9 +6,10 @@ Routes: ``POST /v1/annotate`` (JSON cells or an ``.h5ad`` body), ``GET /v1/model
 - The model is resolved once, where the application is built: ``models:/NAME@ALIAS`` becomes the
   concrete ``models:/NAME/VERSION``, so deploying again after ``scbert promote`` changes the
   deployment's arguments and Serve swaps the replicas one by one while the old ones keep serving.
-- Requests are aligned to the panel, checked, normalised and binned by ingest's own functions
-  (``scbert_platform.pyfunc.aligned_counts`` / ``panel_tokens``); concurrent requests are merged
-  into one model call by ``@serve.batch``; bf16 autocast (and TF32 matmuls) on a GPU.
+- Requests are aligned to the panel, checked, normalised and binned by the one preprocessing
+  path (``pyfunc.aligned_counts``, ``preprocess.tokens_from_counts``) with the values of the
+  model's own ``Preprocessing`` record; concurrent requests are merged into one model call by
+  ``@serve.batch``; bf16 autocast (and TF32 matmuls) on a GPU.
 - Bad input gets a 4xx with ``{"error": {"code", "message", "detail"}}``; nothing a client sends
   takes the replica down. ``SCBERT_API_TOKEN`` in the replica's environment turns on bearer-token
   auth for ``/v1/*`` (constant-time comparison).
@@ -71,8 +72,8 @@ TOKEN_ENV = "SCBERT_API_TOKEN"
 JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to spell half a UTF-16 pair
-# A ModelSource -> the model in eval mode, its panel and class names (``loaded_parts``):
-# scbert_platform.models.load_model by default
+# A ModelSource -> a LoadedModel (the model in eval mode, its panel, class names and
+# preprocessing record): scbert_platform.models.load_model by default
 ModelLoader = Callable[[ModelSource], Any]
 
 
@@ -164,19 +165,6 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind_loopback
 
 
-def loaded_parts(loaded: Any) -> tuple[Any, Any, list[str] | None]:
-    """(network, ``Panel``, class names) of what a model loader returned: a ``(model, panel,
-    classes)`` tuple, or an object with those attributes (``scbert_platform.models``'
-    ``LoadedModel``, which is replacing the tuple)."""
-    from scbert_platform.panel import Panel
-
-    if isinstance(loaded, tuple):
-        model, panel, classes = loaded
-    else:
-        model, panel, classes = loaded.model, loaded.panel, loaded.classes
-    return model, panel if isinstance(panel, Panel) else Panel(tuple(panel)), classes
-
-
 class AnnotatorReplica:
     """One replica: the model, its panel and classes, the request checks and the metrics.
 
@@ -198,9 +186,11 @@ class AnnotatorReplica:
 
         self.source = ModelSource(**source)
         self.settings = ServeParams(**settings)
-        self.model, self.panel, classes = loaded_parts(load_model(self.source))
-        assert classes is not None  # load_model refuses a checkpoint without cell types
-        self.classes = classes
+        loaded = load_model(self.source)
+        assert loaded.classes is not None  # load_model refuses a checkpoint without cell types
+        self.model, self.panel, self.classes = loaded.model, loaded.panel, loaded.classes
+        # how the model's training cells were preprocessed: every request goes the same way
+        self.preprocessing = loaded.preprocessing
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             # safe: the forward pass runs under bf16 autocast; TF32 only reaches fp32 leftovers
@@ -218,12 +208,13 @@ class AnnotatorReplica:
         first real request is not the slow one."""
         import scipy.sparse as sp
 
-        from scbert_platform.pyfunc import aligned_counts, panel_tokens
+        from scbert_platform.preprocess import tokens_from_counts
+        from scbert_platform.pyfunc import aligned_counts
 
         genes = list(self.panel.genes[:20])
         counts = sp.csr_matrix(np.arange(1, len(genes) + 1, dtype=np.float64)[None, :])
         aligned = aligned_counts(counts, genes, self.panel, cell_ids=["warm-up"])
-        self._forward(panel_tokens(aligned, n_bins=self.model.config.n_bins))
+        self._forward(tokens_from_counts(aligned, self.preprocessing))
 
     # ---- what the routes answer (make_api) -----------------------------------------------------
 
@@ -385,14 +376,15 @@ class AnnotatorReplica:
         self, counts: Any, genes: list[str], ids: list[str], options: Options
     ) -> AnnotateResponse:
         from scbert_platform.ingest import IngestError
-        from scbert_platform.pyfunc import aligned_counts, panel_tokens
+        from scbert_platform.preprocess import tokens_from_counts
+        from scbert_platform.pyfunc import aligned_counts
 
         self._check_cell_count(counts.shape[0])
         try:
             aligned = aligned_counts(counts, genes, self.panel, cell_ids=ids)
         except IngestError as bad:
             raise RequestError(422, "invalid_counts", str(bad)) from None
-        tokens = panel_tokens(aligned, n_bins=self.model.config.n_bins)
+        tokens = tokens_from_counts(aligned, self.preprocessing)
         proba, embedding = await self._infer(tokens)
         threshold = self.settings.threshold if options.threshold is None else options.threshold
         top_k = min(options.top_k or self.settings.top_k, len(self.classes))

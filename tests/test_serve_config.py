@@ -70,8 +70,9 @@ def test_model_references_are_checked(checkpoint: Path, workdir: Path) -> None:
 
     source = resolve_model(str(checkpoint))
     assert (source.uri, source.name, source.version) == (str(checkpoint), "model", None)
-    model, panel, classes = load_model(source)
-    assert len(panel) == 24 and classes == ["B", "NK", "T"] and not model.training
+    loaded = load_model(source)
+    assert len(loaded.panel) == 24 and loaded.classes == ["B", "NK", "T"]
+    assert not loaded.model.training
     with pytest.raises(ValueError, match="neither a registry URI"):
         resolve_model(str(workdir / "missing"))
     with pytest.raises(ValueError, match="name a version"):

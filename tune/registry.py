@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from scbert_platform.preprocess import TAG_PREFIX as PREPROCESSING_TAGS
 from scbert_platform.tracking import MODEL_URI_TAG, registry_client
 
 CHALLENGER = "challenger"
@@ -69,6 +70,8 @@ def register(run_id: str, *, name: str | None = None) -> AliasMove:
         )
     name = name or f"scbert-{run.data.tags.get('scbert.dataset', 'model')}"
     tags = {key: run.data.tags[key] for key in (*SOURCE_TAGS, BASELINE_TAG) if key in run.data.tags}
+    # the model's preprocessing record (scbert.preprocessing.*), as fit tagged the run
+    tags |= {k: v for k, v in run.data.tags.items() if k.startswith(PREPROCESSING_TAGS)}
     commit = run.data.tags.get("mlflow.source.git.commit")
     if commit:
         tags["scbert.git_commit"] = commit
