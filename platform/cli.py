@@ -33,8 +33,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _params(args: argparse.Namespace, flags: dict[str, object]) -> Params:
-    params = Params.load(args.params, args.overrides)
+def _params(
+    args: argparse.Namespace, flags: dict[str, object], *, stage: str | None = None
+) -> Params:
+    params = Params.load(args.params, args.overrides, stage=stage)
     for dotted, value in flags.items():
         if value is not None:
             params.set(dotted, value)
@@ -125,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from scbert.atomic import check_output, copy_directory
     from scbert_platform.train_ray import fit
 
-    params = _params(args, {})
+    params = _params(args, {}, stage=args.verb)
     inputs = [args.shards, *([args.init_from] if getattr(args, "init_from", None) else [])]
     if args.out:  # before training: a refused --out found after an hour of training is lost time
         check_output(args.out, kind="checkpoint", overwrite=args.overwrite, inputs=inputs)
@@ -250,7 +252,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         return 0
     from scbert_tune.cv import cross_validate
 
-    params = _params(args, {})
+    params = _params(args, {}, stage="finetune")
     fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else None
     with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's progress: stdout is the table
         result = cross_validate(
@@ -352,7 +354,7 @@ def _read_h5ad(path: str, backed: bool | None) -> tuple[object, str | None]:
     import anndata
 
     from scbert_platform.annotation import AnnotationError
-    from scbert_platform.ingest import _quiet_anndata
+    from scbert_platform.ingest import quiet_anndata
 
     file = Path(path)
     if not file.is_file():
@@ -363,7 +365,7 @@ def _read_h5ad(path: str, backed: bool | None) -> tuple[object, str | None]:
         )
     if backed is None:
         backed = file.stat().st_size > 2 * 1024**3
-    with _quiet_anndata():
+    with quiet_anndata():
         adata = anndata.read_h5ad(file, backed="r" if backed else None)
     return adata, str(file) if backed else None
 

@@ -233,7 +233,7 @@ def attention_heatmap(explanation: Explanation, path: str | Path) -> Path:
     """Types x their top genes: mean attention, each gene's column z-scored over the types."""
     import matplotlib.pyplot as plt
 
-    from scbert_platform.plots import _save
+    from scbert_platform.plots import save_figure
 
     columns = _columns(explanation)
     table = explanation.attention[columns]
@@ -249,14 +249,14 @@ def attention_heatmap(explanation: Explanation, path: str | Path) -> Path:
     )
     fig.colorbar(image, ax=ax, fraction=0.03, label="attention z-score")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def expression_dotplot(explanation: Explanation, path: str | Path) -> Path:
     """Types x their top genes: colour = z-scored mean expression, size = fraction expressing."""
     import matplotlib.pyplot as plt
 
-    from scbert_platform.plots import _save
+    from scbert_platform.plots import save_figure
 
     columns = _columns(explanation)
     z = explanation.expression[columns].to_numpy()
@@ -283,4 +283,4 @@ def expression_dotplot(explanation: Explanation, path: str | Path) -> Path:
         bbox_to_anchor=(1.08, 0.0), frameon=False,
     )  # fmt: skip
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -139,7 +139,7 @@ def sparse_layout(group: Any) -> tuple[str, tuple[int, int]]:
 
 
 @contextmanager
-def _quiet_anndata() -> Iterator[None]:
+def quiet_anndata() -> Iterator[None]:
     """anndata warns at length when it upgrades a legacy file's layout in memory."""
     import warnings
 
@@ -298,7 +298,7 @@ def open_input(path: str | Path, params: DataParams, scratch: Path) -> InputTabl
             )
         elem = f[location]
         shape = elem.shape if isinstance(elem, h5py.Dataset) else sparse_layout(elem)[1]
-    with _reading(str(h5ad)), _quiet_anndata():
+    with _reading(str(h5ad)), quiet_anndata():
         backed = anndata.read_h5ad(h5ad, backed="r")
     obs = backed.obs
     var = backed.raw.var if params.use_raw else backed.var

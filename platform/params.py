@@ -113,6 +113,21 @@ class TrainParams:
 
 
 @dataclass
+class StageParams:
+    """What one stage trains for, over the ``train`` section: ``pretrain`` (``scbert pretrain``)
+    and ``finetune`` (``scbert finetune`` and each fold of ``scbert cv``). None: ``train``'s
+    value. A ``--set train.KEY=...`` on the command line still wins over the stage's value, and
+    ``--set train.epochs`` or ``train.max_steps`` replaces the stage's length (both keys)."""
+
+    epochs: int | None = None
+    max_steps: int | None = None
+
+
+STAGES = ("pretrain", "finetune")
+LENGTH_KEYS = {"train.epochs", "train.max_steps"}  # one concept: how long a stage trains
+
+
+@dataclass
 class TuneParams:
     """Sweeps, cross-validation and the promotion gate (sweeps and CV: the tuning issue)."""
 
@@ -158,6 +173,8 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     train: TrainParams = field(default_factory=TrainParams)
+    pretrain: StageParams = field(default_factory=StageParams)
+    finetune: StageParams = field(default_factory=StageParams)
     tune: TuneParams = field(default_factory=TuneParams)
     serve: ServeParams = field(default_factory=ServeParams)
 
@@ -176,8 +193,11 @@ class Params:
         return params
 
     @classmethod
-    def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> Params:
-        """params.yaml (missing file: defaults), then ``section.key=value`` overrides."""
+    def load(
+        cls, path: str | Path, overrides: Iterable[str] = (), *, stage: str | None = None
+    ) -> Params:
+        """params.yaml (missing file: defaults), then ``section.key=value`` overrides, then (with
+        ``stage``) that stage's section over ``train``, except where an override set ``train``."""
         path = Path(path)
         values = yaml.safe_load(path.read_text()) if path.is_file() else None
         if values is not None and not isinstance(values, Mapping):
@@ -185,8 +205,25 @@ class Params:
                 f"{path}: expected a mapping of sections, got {type(values).__name__}"
             )
         params = cls.from_dict(values or {})
+        overrides = list(overrides)
         params.override(overrides)
+        if stage is not None:
+            given = {item.partition("=")[0].strip() for item in overrides}
+            params.for_stage(stage, keep=given)
         return params
+
+    def for_stage(self, stage: str, *, keep: Iterable[str] = ()) -> Params:
+        """Apply the ``stage`` section's values to ``train`` (not the ``train.KEY`` in ``keep``;
+        either length key in ``keep`` keeps both); returns self."""
+        if stage not in STAGES:
+            raise ParamsError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+        keep = set(keep)
+        if keep & LENGTH_KEYS:  # a length given on the command line replaces the stage's
+            keep |= LENGTH_KEYS
+        for key, value in dataclasses.asdict(getattr(self, stage)).items():
+            if value is not None and f"train.{key}" not in keep:
+                setattr(self.train, key, value)
+        return self
 
     def override(self, overrides: Iterable[str]) -> Params:
         """Apply ``section.key=value`` strings (values parsed as YAML scalars); returns self."""

@@ -221,7 +221,7 @@ def umap_figure(
             frameon=False,
         )
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_figure(adata: Any, path: str | Path, *, label_key: str) -> Path:
@@ -288,10 +288,11 @@ def probability_figure(
     ax.set_title(f"scBERT confidence ({len(probability)} cells)", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path`` (folders made), then closed; returns the path."""
     import matplotlib.pyplot as plt
 
     path = Path(path)

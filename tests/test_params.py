@@ -14,7 +14,7 @@ from scbert_platform.params import Params, ParamsError
 def test_repo_params_yaml_loads_and_covers_every_section() -> None:
     params = Params.load(REPO_ROOT / "params.yaml")
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    assert set(raw) == {"model", "data", "train", "tune", "serve"}
+    assert set(raw) == {"model", "data", "train", "pretrain", "finetune", "tune", "serve"}
     assert params.data.label_key == "bulk_labels"
     assert params.model.n_bins == 5 and params.data.min_genes == 200  # the published values
 
@@ -76,3 +76,25 @@ def test_dump_load_round_trip_and_flat_names(tmp_path: Path) -> None:
 
 def test_missing_file_gives_defaults(tmp_path: Path) -> None:
     assert Params.load(tmp_path / "absent.yaml", ["data.seed=3"]).data.seed == 3
+
+
+def test_a_stage_section_applies_over_train_and_a_command_line_train_value_wins(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "train:\n  epochs: 4\n  max_steps: 0\npretrain:\n  epochs: 2\nfinetune:\n  max_steps: 300\n"
+    )
+    assert Params.load(path).train.max_steps == 0  # no stage: train as written
+    assert Params.load(path, stage="finetune").train.max_steps == 300
+    assert Params.load(path, stage="finetune").train.epochs == 4  # None: train's value
+    assert Params.load(path, stage="pretrain").train.epochs == 2
+    assert Params.load(path, ["train.max_steps=6"], stage="finetune").train.max_steps == 6
+    # a length on the command line replaces the stage's (epochs 3, not 300 steps)
+    by_epochs = Params.load(path, ["train.epochs=3"], stage="finetune").train
+    assert (by_epochs.epochs, by_epochs.max_steps) == (3, 0)
+    assert Params.load(path, ["finetune.max_steps=50"], stage="finetune").train.max_steps == 50
+    with pytest.raises(ParamsError, match="unknown stage 'sweep'"):
+        Params.load(path, stage="sweep")
+    with pytest.raises(ParamsError, match=r"finetune\.max_step'"):
+        Params.load(path, ["finetune.max_step=5"])
