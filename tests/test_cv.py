@@ -34,7 +34,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     shards = workdir / "pbmc68k"
     data = DataParams(**PBMC_PARAMS, n_folds=N_FOLDS)
     ingest(pbmc_h5ad, shards, data, executor="local", log=lambda _: None)
-    tiny_params(workdir / "runs", max_steps=6, val_every=3, ckpt_every=3).dump(
+    tiny_params(workdir / "runs", max_steps=3, val_every=3, ckpt_every=3).dump(
         workdir / "params.yaml"
     )
     result = scbert_cli(
@@ -98,7 +98,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
 
     registered = scbert_cli(workdir, "register", summary["mlflow_run_id"])
     assert registered.returncode == 0, registered.stderr
-    # 6 steps from scratch are far below logreg on the same folds: the gate refuses them
+    # 3 steps from scratch are far below logreg on the same folds: the gate refuses them
     assert scratch["macro_f1_mean"] < logreg
     refused = scbert_cli(workdir, "promote", "scbert-pbmc68k")
     assert refused.returncode == 2 and "below the best baseline's (logreg)" in refused.stderr
@@ -123,7 +123,7 @@ def test_leave_one_dataset_out(pbmc_h5ad: Path, workdir: Path, ray_local: Any) -
     shards = workdir / "two"
     data = DataParams(**PBMC_PARAMS, batch_key="dataset")
     ingest(workdir / "two.h5ad", shards, data, executor="local", log=lambda _: None)
-    params = tiny_params(workdir / "runs", max_steps=4, val_every=2, ckpt_every=2)
+    params = tiny_params(workdir / "runs", max_steps=2, val_every=2, ckpt_every=2)
     result = cross_validate(shards, params, protocol="leave-one-dataset-out", name="lodo")
     (group,) = result.groups
     assert [f["held_out"] for f in group["folds"]] == ["lab_a", "lab_b"]

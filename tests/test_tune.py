@@ -26,8 +26,9 @@ def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir
     first trial finished; --resume runs the other: no finished trial runs twice, and MLflow
     holds one parent with one child per trial. (2: each trial is a Ray Train run of about a
     minute here, and the suite has a time budget; one before the kill and one after is what
-    restoring needs.)"""
-    params = tiny_params(workdir / "runs", max_steps=12, val_every=3, ckpt_every=3)
+    restoring needs. 6 steps: the two validations ASHA's grace period and the history check
+    need, no more.)"""
+    params = tiny_params(workdir / "runs", max_steps=6, val_every=3, ckpt_every=3)
     params.dump(workdir / "params.yaml")
     (workdir / "spec.yaml").write_text(
         "search: random\nnum_samples: 2\nscheduler: asha\ngrace_period: 2\n"
