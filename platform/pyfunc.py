@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from scbert.model import CELL_EMBEDDINGS
 from scbert_platform.ingest import IngestError
 from scbert_platform.panel import Panel
 from scbert_platform.preprocess import (
@@ -104,7 +105,7 @@ def counts_to_tokens(
     return tokens_from_counts(aligned_counts(counts, genes, panel), preprocessing)
 
 
-EMBEDDINGS = ("encoder", "classifier")
+EMBEDDINGS = CELL_EMBEDDINGS  # ScBert.predict's: encoder | classifier
 
 
 def predict_tokens(
@@ -126,23 +127,20 @@ def predict_tokens(
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
     device = torch.device(device) if device is not None else model.token_emb.weight.device
-    classify = model.config.n_classes is not None
-    if embedding == "classifier" and not classify:
+    if embedding == "classifier" and model.config.n_classes is None:
         raise ValueError("the classifier embedding needs a fine-tuned model (a cell-type head)")
-    probas, embeddings = [torch.zeros(len(tokens), 0)], []
+    probas, embeddings = [], []
     with (
         torch.inference_mode(),
         torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
         for chunk in tokens.split(chunk_cells):
-            encoded = model.encode(chunk.to(device, non_blocking=True))
-            if classify:
-                hidden = model.head.hidden(encoded)
-                probas.append(model.head.fc3(hidden).float().softmax(dim=-1).cpu())
-            cells = hidden if embedding == "classifier" else encoded[:, :-1].mean(dim=1)
+            proba, cells = model.predict(chunk.to(device, non_blocking=True), embedding=embedding)
+            probas.append(proba.float().cpu())
             embeddings.append(cells.float().cpu())
-    proba = torch.cat(probas[1:]) if classify else probas[0]
-    return proba.numpy(), torch.cat(embeddings).numpy()
+    if not probas:
+        return np.zeros((0, model.config.n_classes or 0)), np.zeros((0, model.config.dim))
+    return torch.cat(probas).numpy(), torch.cat(embeddings).numpy()
 
 
 def cell_types(proba: np.ndarray, classes: list[str], threshold: float) -> list[str]:

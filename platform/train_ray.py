@@ -851,10 +851,7 @@ def calibrate_and_check(
         return out | {"val/ece": ece_before}
     logits = np.log(np.clip(proba, 1e-30, None))
     temperature = fit_temperature(logits, y_val)
-    head = bundle.model.head
-    with torch.no_grad():
-        head.fc3.weight /= temperature
-        head.fc3.bias /= temperature
+    bundle.model.head.fold_temperature(temperature)
     save_pretrained(bundle.model, model_dir, panel=bundle.panel, labels=bundle.labels)
     calibrated = torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
     ece_after = expected_calibration_error(calibrated, y_val)

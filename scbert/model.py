@@ -125,6 +125,9 @@ class ReconstructionHead(nn.Module):
         return self.proj(x)  # (b, n_genes + 1, n_bins + 2)
 
 
+CELL_EMBEDDINGS = ("encoder", "classifier")  # ScBert.predict's embedding kinds
+
+
 class CellTypeHead(nn.Module):
     """Fine-tuning head as published: a 1 x dim convolution over each gene's vector + ReLU (one
     scalar per position), flattened, then MLP (n_genes + 1) -> 512 -> 128 -> n_classes."""
@@ -150,6 +153,16 @@ class CellTypeHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(self.hidden(x))  # (b, n_classes)
+
+    @torch.no_grad()
+    def fold_temperature(self, temperature: float) -> None:
+        """Divide the logits by ``temperature`` for good (temperature scaling, Guo et al. 2017):
+        softmax(z / T) from the weights themselves, so every caller gets calibrated
+        probabilities; the argmax does not change."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.fc3.weight.div_(temperature)
+        self.fc3.bias.div_(temperature)
 
 
 class ScBert(nn.Module):
@@ -204,6 +217,25 @@ class ScBert(nn.Module):
         if self.config.n_classes is None:
             raise ValueError("predict_proba needs a fine-tuned model (config.n_classes is None)")
         return self.forward(tokens).softmax(dim=-1)
+
+    def predict(
+        self, tokens: torch.Tensor, *, embedding: str = "encoder"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass: class probabilities (b, n_classes), or (b, 0) for a pretraining
+        model, and the cell embedding: ``encoder``, the mean encoding over the gene positions
+        (b, dim) as ``embed_cells``; ``classifier``, the cell-type head's last hidden layer
+        (b, cls_hidden[1]), where the classifier separates the types."""
+        if embedding not in CELL_EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {CELL_EMBEDDINGS}, got {embedding!r}")
+        encoded = self.encode(tokens)  # (b, n_genes + 1, dim)
+        if self.config.n_classes is None:
+            if embedding == "classifier":
+                raise ValueError("the classifier embedding needs a fine-tuned model")
+            return encoded.new_zeros((len(tokens), 0)).float(), encoded[:, :-1].mean(dim=1)
+        assert isinstance(self.head, CellTypeHead)
+        hidden = self.head.hidden(encoded)  # (b, cls_hidden[1])
+        proba = self.head.fc3(hidden).float().softmax(dim=-1)
+        return proba, hidden if embedding == "classifier" else encoded[:, :-1].mean(dim=1)
 
     @torch.no_grad()
     def attention_sums(self, tokens: torch.Tensor) -> torch.Tensor:

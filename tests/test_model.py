@@ -57,6 +57,37 @@ def test_embed_cells_is_mean_over_gene_positions(make_model: MakeModel) -> None:
         torch.testing.assert_close(model.embed_cells(tokens), expected)
 
 
+def test_predict_gives_probabilities_and_either_embedding_from_one_pass(
+    make_model: MakeModel,
+) -> None:
+    model = make_model(n_classes=3).eval()
+    tokens = random_tokens(4, N_GENES, N_BINS)
+    with torch.no_grad():
+        proba, cells = model.predict(tokens)
+        torch.testing.assert_close(proba, model.predict_proba(tokens))
+        torch.testing.assert_close(cells, model.embed_cells(tokens))
+        _, hidden = model.predict(tokens, embedding="classifier")
+        assert hidden.shape == (4, model.config.cls_hidden[1])
+        with pytest.raises(ValueError, match="embedding must be one of"):
+            model.predict(tokens, embedding="pca")
+        pretraining = make_model().eval()
+        proba, cells = pretraining.predict(tokens)
+        assert proba.shape == (4, 0) and cells.shape == (4, model.config.dim)
+        with pytest.raises(ValueError, match="needs a fine-tuned model"):
+            pretraining.predict(tokens, embedding="classifier")
+
+
+def test_fold_temperature_divides_the_logits(make_model: MakeModel) -> None:
+    model = make_model(n_classes=3).eval()
+    tokens = random_tokens(4, N_GENES, N_BINS)
+    with torch.no_grad():
+        logits = model(tokens)
+        model.head.fold_temperature(2.5)
+        torch.testing.assert_close(model(tokens), logits / 2.5)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            model.head.fold_temperature(0.0)
+
+
 def test_predict_proba_needs_a_classifier(make_model: MakeModel) -> None:
     with pytest.raises(ValueError):
         make_model().predict_proba(random_tokens(1, N_GENES, N_BINS))
