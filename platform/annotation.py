@@ -341,7 +341,7 @@ def embedding_dim(loaded: LoadedModel, kind: str) -> int:
 
 def annotate(
     adata: Any,
-    model: Any = "models:/scbert-pbmc68k@champion",
+    model: Any,
     *,
     threshold: float = 0.5,
     batch_size: int = 64,
@@ -391,7 +391,7 @@ def annotate(
 
 def embed(
     adata: Any,
-    model: Any = "models:/scbert-pbmc68k@champion",
+    model: Any,
     *,
     batch_size: int = 64,
     device: str = "auto",

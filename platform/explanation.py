@@ -62,7 +62,7 @@ class Explanation:
 
 def explain(
     adata: Any,
-    model: Any = "models:/scbert-pbmc68k@champion",
+    model: Any,
     *,
     groupby: str | None = None,
     top_n: int = 10,
