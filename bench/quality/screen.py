@@ -30,6 +30,21 @@ from scbert_platform.metrics import expected_calibration_error
 from scbert_platform.training import ClassLoss, class_weights, fit_temperature
 from scbert_tune.baselines import load_cells
 
+SUMMARY = (  # the per-fold figures summarised as mean ± std
+    "accuracy",
+    "macro_f1",
+    "ece_uncalibrated",
+    "ece",
+    "last_accuracy",
+    "last_macro_f1",
+    "swa_accuracy",
+    "swa_macro_f1",
+    "tau0.5_accuracy",
+    "tau0.5_macro_f1",
+    "tau1.0_accuracy",
+    "tau1.0_macro_f1",
+)
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -182,38 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(train_fold(args, data, fold))
         print(json.dumps(results[-1]), f"{time.time() - started:.0f} s", file=sys.stderr)
     summary = {"args": vars(args), "folds": results}
-    for key in (
-        "accuracy",
-        "macro_f1",
-        "ece_uncalibrated",
-        "ece",
-        "last_accuracy",
-        "last_macro_f1",
-        "swa_accuracy",
-        "swa_macro_f1",
-        "tau0.5_accuracy",
-        "tau0.5_macro_f1",
-        "tau1.0_accuracy",
-        "tau1.0_macro_f1",
-    ):
+    for key in SUMMARY:
         values = np.array([r[key] for r in results])
         summary[f"{key}_mean"] = float(values.mean())
         summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
     line = " | ".join(
         f"{k} {summary[k + '_mean']:.3f} ± {summary[k + '_std']:.3f}"
-        for k in (
-            "accuracy",
-            "macro_f1",
-            "ece",
-            "last_accuracy",
-            "last_macro_f1",
-            "swa_accuracy",
-            "swa_macro_f1",
-            "tau0.5_accuracy",
-            "tau0.5_macro_f1",
-            "tau1.0_accuracy",
-            "tau1.0_macro_f1",
-        )
+        for k in SUMMARY
+        if k != "ece_uncalibrated"
     )
     print(f"{' '.join(argv or sys.argv[1:])} | {line} | {time.time() - started:.0f} s")
     if args.json:
