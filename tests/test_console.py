@@ -85,7 +85,7 @@ exposed, most, done = set(), [0], threading.Event()
 
 def sample():  # while a Ray Train run (controller, worker, Ray Data actors) is going
     import psutil
-    while not done.wait(0.3):
+    while not done.wait(1.0):  # listeners live for the whole run: a sample a second sees them
         exposed.update(non_loopback_listeners())
         most[0] = max(most[0], sum(
             c.status == psutil.CONN_LISTEN
