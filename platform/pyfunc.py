@@ -26,10 +26,8 @@ from scbert_platform.preprocess import (
     Preprocessing,
     align,
     as_counts_matrix,
-    bin_tokens,
     cell_namer,
     check_counts,
-    log_normalise,
     raised_as,
     tokens_from_counts,
 )
@@ -66,25 +64,6 @@ def aligned_counts(
                 f"genes (it starts {', '.join(panel.genes[:3])}; symbols are matched exactly)"
             )
         return align(matrix, positions, len(panel))
-
-
-# The keyword forms below are kept for callers that pass the values one by one (Serve);
-# a model's values come from its record: ``preprocess.tokens_from_counts(aligned, record)``.
-
-
-def panel_values(aligned: Any, *, target_sum: float = 1e4) -> Any:
-    """Aligned counts -> log2(1 + normalised counts) (CSR, same sparsity), as ingest writes them."""
-    return log_normalise(aligned, target_sum)
-
-
-def value_tokens(values: Any, *, n_bins: int) -> Any:
-    """``panel_values`` -> model tokens (cells, n_panel + 1), binned as at training time."""
-    return bin_tokens(values, n_bins)
-
-
-def panel_tokens(aligned: Any, *, n_bins: int, target_sum: float = 1e4) -> Any:
-    """Aligned counts -> model tokens (cells, n_panel + 1): normalised and binned as ingest does."""
-    return bin_tokens(log_normalise(aligned, target_sum), n_bins)
 
 
 def counts_to_tokens(
