@@ -4,7 +4,7 @@ memory of the process (and of its Ray workers, for the distributed run).
 
     python bench/annotate_scale.py --cells 20000 --genes 2000
 
-The counts are synthetic (scbert_platform.synthetic) and the model has random weights over the
+The counts are synthetic (scbert_platform.data.synthetic) and the model has random weights over the
 synthetic genes, laptop-sized (dim 64, depth 2): the figures are throughput and memory, never
 accuracy. Each run is a fresh `scbert annotate` process, which reports its own peak RSS
 (getrusage); the Ray Data workers of the distributed run are other processes, not counted.
@@ -70,7 +70,7 @@ def main() -> int:
 
     import anndata
 
-    from scbert_platform.synthetic import write_synthetic_h5ad
+    from scbert_platform.data.synthetic import write_synthetic_h5ad
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

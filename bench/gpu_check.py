@@ -404,7 +404,7 @@ def part_serve(check: Check) -> Figures:
 
 def request_bodies(check: Check, n_genes: int, size: int) -> list[bytes]:
     """Sparse JSON requests of ``size`` real (ingested) cells each, at most 8 bodies."""
-    from scbert_platform.pyfunc import shard_counts
+    from scbert_platform.track.pyfunc import shard_counts
     from scbert_serve.schema import sparse_cells
 
     panel = (check.shards / "panel.txt").read_text().split()

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scbert.tokens import bin_values
-from scbert_platform.ingest import ingest
-from scbert_platform.loader import (
+from scbert_platform.data.ingest import ingest
+from scbert_platform.data.loader import (
     CellBatcher,
     ShardInfo,
     cell_dataset,
@@ -59,7 +59,7 @@ def timed(batches: Iterable[Any], count: Callable[[Any], int]) -> tuple[float, i
 
 
 def make_shards(n_cells: int, n_genes: int, workdir: Path) -> Path:
-    from scbert_platform.synthetic import write_synthetic_h5ad
+    from scbert_platform.data.synthetic import write_synthetic_h5ad
 
     source = workdir / "synthetic.h5ad"
     print(f"writing {n_cells} synthetic cells x {n_genes} genes ...", file=sys.stderr)
@@ -76,7 +76,7 @@ def shards_as_h5ad(shards: Path, path: Path, max_cells: int) -> Path:
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    from scbert_platform.loader import shard_files, values_matrix
+    from scbert_platform.data.loader import shard_files, values_matrix
 
     info = ShardInfo.read(shards)
     parts, n = [], 0

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 def bodies(shards: str, panel: list[str], size: int, n_bodies: int) -> list[bytes]:
     """``n_bodies`` sparse JSON requests of ``size`` consecutive real cells each (cycling)."""
-    from scbert_platform.pyfunc import shard_counts
+    from scbert_platform.track.pyfunc import shard_counts
     from scbert_serve.schema import sparse_cells
 
     frame, _ = shard_counts(shards, panel)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from scbert_platform.annotation import DEFAULT_CHUNK_CELLS
-from scbert_platform.models import LoadedModel
+from scbert_platform.infer.annotation import DEFAULT_CHUNK_CELLS
+from scbert_platform.infer.models import LoadedModel
 from scbert_platform.params import DataParams
 
 __all__ = [
@@ -53,7 +53,7 @@ class Expression:
     gene_column: str | None = None
 
     def options(self) -> dict[str, Any]:
-        """As the keyword arguments of ``scbert_platform.annotation``'s functions."""
+        """As the keyword arguments of ``scbert_platform.infer.annotation``'s functions."""
         return {
             "layer": self.layer,
             "use_raw": self.use_raw,
@@ -91,7 +91,7 @@ def annotate(
     into ``adata`` (or a copy); ``majority_vote``: also the majority type per Leiden cluster
     (``over_clustering``: an obs column of clusters to vote in instead). ``distributed``: on
     Ray workers. Returns the AnnData."""
-    from scbert_platform.annotation import annotate as run
+    from scbert_platform.infer.annotation import annotate as run
 
     return run(
         adata,
@@ -121,7 +121,7 @@ def embed(
     progress: bool = True,
 ) -> Any:
     """Cell embeddings only (``obsm['X_scbert']``); a pretraining checkpoint works too."""
-    from scbert_platform.annotation import embed as run
+    from scbert_platform.infer.annotation import embed as run
 
     return run(
         adata,
@@ -147,7 +147,7 @@ def explain(
 ) -> Any:
     """The genes scBERT attends to per group (``groupby``: an obs column; default the annotated
     types): an ``Explanation`` (``.genes()``: each group's top genes; ``.top``: the table)."""
-    from scbert_platform.explanation import explain as run
+    from scbert_platform.infer.explanation import explain as run
 
     return run(
         adata,
@@ -170,7 +170,7 @@ def plot(
 ) -> dict[str, Any]:
     """UMAP, probability histogram and, with ``label_key`` (expert labels), the confusion matrix
     and the clustering scores of an annotated AnnData, as files under ``out``."""
-    from scbert_platform.plots import write_plots
+    from scbert_platform.infer.plots import write_plots
 
     return write_plots(adata, out, label_key=label_key, **expression.options())
 
@@ -178,7 +178,7 @@ def plot(
 def ingest(source: str | Path, out: str | Path, *, overwrite: bool = False, **data: Any) -> Any:
     """An ``.h5ad`` (or 10x/loom/csv) into Parquet cell shards for training; ``data``: any field
     of the ``data`` params section (``label_key="cell_type"``, ``min_genes=200``, ...)."""
-    from scbert_platform.ingest import ingest as run
+    from scbert_platform.data.ingest import ingest as run
 
     known = {f.name for f in fields(DataParams)}
     unknown = sorted(set(data) - known)

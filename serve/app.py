@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from scbert_platform.models import ModelSource, load_model, resolve_model
+from scbert_platform.infer.models import ModelSource, load_model, resolve_model
 from scbert_platform.params import Params, ServeParams
 from scbert_serve.h5ad_body import read_h5ad
 from scbert_serve.schema import (
@@ -73,7 +73,7 @@ JSON_TYPES = ("application/json", "")
 H5AD_TYPES = ("application/x-hdf5", "application/x-h5ad", "application/octet-stream")
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's way to spell half a UTF-16 pair
 # A ModelSource -> a LoadedModel (the model in eval mode, its panel, class names and
-# preprocessing record): scbert_platform.models.load_model by default
+# preprocessing record): scbert_platform.infer.models.load_model by default
 ModelLoader = Callable[[ModelSource], Any]
 
 
@@ -169,7 +169,7 @@ class AnnotatorReplica:
     """One replica: the model, its panel and classes, the request checks and the metrics.
 
     The model comes from ``load_model(ModelSource)`` (default: the registry's or a checkpoint
-    directory's, ``scbert_platform.models.load_model``). Runs in any process, without Ray:
+    directory's, ``scbert_platform.infer.models.load_model``). Runs in any process, without Ray:
     ``make_api(replica)`` puts it behind HTTP, ``bench/serve_load.py`` times it without HTTP, and
     ``Annotator`` below is its Serve deployment, which batches concurrent requests."""
 
@@ -208,8 +208,8 @@ class AnnotatorReplica:
         first real request is not the slow one."""
         import scipy.sparse as sp
 
-        from scbert_platform.preprocess import tokens_from_counts
-        from scbert_platform.pyfunc import aligned_counts
+        from scbert_platform.data.preprocess import tokens_from_counts
+        from scbert_platform.track.pyfunc import aligned_counts
 
         genes = list(self.panel.genes[:20])
         counts = sp.csr_matrix(np.arange(1, len(genes) + 1, dtype=np.float64)[None, :])
@@ -375,9 +375,9 @@ class AnnotatorReplica:
     async def _predict(
         self, counts: Any, genes: list[str], ids: list[str], options: Options
     ) -> AnnotateResponse:
-        from scbert_platform.ingest import IngestError
-        from scbert_platform.preprocess import tokens_from_counts
-        from scbert_platform.pyfunc import aligned_counts
+        from scbert_platform.data.ingest import IngestError
+        from scbert_platform.data.preprocess import tokens_from_counts
+        from scbert_platform.track.pyfunc import aligned_counts
 
         self._check_cell_count(counts.shape[0])
         try:
@@ -415,7 +415,7 @@ class AnnotatorReplica:
         self, ids: list[str], proba: np.ndarray, n_genes: np.ndarray, threshold: float, top_k: int
     ) -> list[CellResult]:
         from scbert import UNASSIGNED
-        from scbert_platform.pyfunc import cell_types
+        from scbert_platform.track.pyfunc import cell_types
 
         order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
         names = cell_types(proba, self.classes, threshold)
@@ -445,7 +445,7 @@ class AnnotatorReplica:
         return await asyncio.to_thread(self._forward, tokens)
 
     def _forward(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-        from scbert_platform.pyfunc import predict_tokens
+        from scbert_platform.track.pyfunc import predict_tokens
 
         return predict_tokens(
             self.model, tokens, chunk_cells=self.settings.model_batch_cells, device=self.device

@@ -11,7 +11,7 @@ plus the options ``threshold``, ``top_k`` and ``return_embedding``. Unknown fiel
 (a misspelt option must not be ignored silently), and so are values of another JSON type (a
 body is validated strictly: ``true`` is not a count of 1, ``"3"`` is not 3). Counts are raw:
 finite, >= 0, integers; that rule, the panel alignment and the normalisation are ingest's own
-functions (``scbert_platform.pyfunc.aligned_counts``).
+functions (``scbert_platform.track.pyfunc.aligned_counts``).
 
 Before a body is parsed its nesting depth is measured on its bytes (``json_depth``); before it
 is validated the cells and genes it declares are held to ``BodyLimits``

@@ -232,7 +232,7 @@ PBMC_PARAMS: dict[str, Any] = {
 @pytest.fixture(scope="session")
 def pbmc_h5ad() -> Path:
     """scanpy's bundled real dataset: 700 Zheng68K PBMCs, 10 labels, log-normalised .raw."""
-    from scbert_platform.datasets import bundled_path
+    from scbert_platform.data.datasets import bundled_path
 
     return bundled_path("pbmc68k_reduced")
 
@@ -240,7 +240,7 @@ def pbmc_h5ad() -> Path:
 @pytest.fixture(scope="session")
 def pbmc_shards(tmp_path_factory: pytest.TempPathFactory, pbmc_h5ad: Path) -> Path:
     """The real dataset ingested once per session (in this process)."""
-    from scbert_platform.ingest import ingest
+    from scbert_platform.data.ingest import ingest
     from scbert_platform.params import DataParams
 
     out = tmp_path_factory.mktemp("cells") / "pbmc68k"
@@ -311,8 +311,8 @@ def finetuned_run(
     import pandas as pd
 
     from scbert import save_pretrained
-    from scbert_platform import tracking
-    from scbert_platform.pyfunc import log_pyfunc
+    from scbert_platform.track.pyfunc import log_pyfunc
+    from scbert_platform.track.runs import MODEL_URI_TAG, experiment_id
 
     genes, labels = genes or TOY_PANEL, labels or TOY_LABELS
     checkpoint = workdir / f"ckpt-{seed}"
@@ -323,7 +323,7 @@ def finetuned_run(
         [[3.0] * half + [0.0] * (len(genes) - half), [0.0] * half + [5.0] * (len(genes) - half)],
         columns=genes,
     )
-    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-finetune")) as run:
+    with mlflow.start_run(experiment_id=experiment_id("scbert-finetune")) as run:
         mlflow.set_tags(
             {
                 "scbert.dataset": dataset,
@@ -333,5 +333,5 @@ def finetuned_run(
         )
         if macro_f1 is not None:
             mlflow.log_metric("cv/macro_f1", macro_f1)
-        mlflow.set_tag(tracking.MODEL_URI_TAG, log_pyfunc(checkpoint, example))
+        mlflow.set_tag(MODEL_URI_TAG, log_pyfunc(checkpoint, example))
     return str(run.info.run_id)

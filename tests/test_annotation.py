@@ -1,4 +1,4 @@
-"""Offline annotation of AnnData (``scbert_platform.annotation``), its figures and its CLI.
+"""Offline annotation of AnnData (``scbert_platform.infer.annotation``), its figures and its CLI.
 
 The real pbmc68k cells throughout, with a small random-weight model on their panel whose
 classifier is made confident (so that cells get different types and the Unassigned rule bites).
@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from conftest import build_model, tiny_config
 
-from scbert_platform.annotation import (
+from scbert_platform.infer.annotation import (
     CELL_TYPE,
     EMBEDDING,
     MAJORITY_VOTE,
@@ -35,7 +35,7 @@ from scbert_platform.annotation import (
 
 @pytest.fixture(scope="module")
 def panel_and_labels(pbmc_shards: Path) -> tuple[list[str], list[str]]:
-    from scbert_platform.loader import ShardInfo
+    from scbert_platform.data.loader import ShardInfo
 
     info = ShardInfo.read(pbmc_shards)
     return list(info.panel), list(info.labels)
@@ -65,7 +65,7 @@ def pbmc(pbmc_h5ad: Path) -> Any:
 @pytest.fixture(scope="module")
 def counts(pbmc_shards: Path, panel_and_labels: Any) -> Any:
     """Integer counts of the 693 ingested cells (cells x panel DataFrame) and their obs."""
-    from scbert_platform.pyfunc import shard_counts
+    from scbert_platform.track.pyfunc import shard_counts
 
     return shard_counts(pbmc_shards, panel_and_labels[0])
 
@@ -85,7 +85,7 @@ def test_annotate_gives_the_pipelines_answer_on_real_cells(
     pbmc: Any, model_dir: Path, counts: Any
 ) -> None:
     from scbert import load_pretrained
-    from scbert_platform.pyfunc import counts_to_tokens, predict_tokens
+    from scbert_platform.track.pyfunc import counts_to_tokens, predict_tokens
 
     assert pbmc.X.min() < 0 and pbmc.raw is not None  # scaled .X: .raw must be read
     out = annotate(pbmc, model=str(model_dir), progress=False)
@@ -278,7 +278,7 @@ def test_model_references_and_pretraining_checkpoints(
     tmp_path: Path, counts: Any, panel_and_labels: Any
 ) -> None:
     from scbert import save_pretrained
-    from scbert_platform.pyfunc import counts_to_tokens
+    from scbert_platform.track.pyfunc import counts_to_tokens
 
     panel, _ = panel_and_labels
     model = build_model(tiny_config(n_genes=len(panel), gene_embedding="learned"), seed=2).eval()
@@ -334,17 +334,14 @@ def test_figures_and_scores_logged_to_the_active_run(
     import mlflow
     from sklearn.metrics import adjusted_rand_score
 
-    from scbert_platform import tracking
-    from scbert_platform.plots import write_plots
+    from scbert_platform.infer.plots import write_plots
+    from scbert_platform.track.runs import experiment_id, registry_client
 
     annotate(pbmc, model=str(model_dir), progress=False)
-    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-annotate")) as run:
+    with mlflow.start_run(experiment_id=experiment_id("scbert-annotate")) as run:
         scores = write_plots(pbmc, workdir / "plots", label_key="bulk_labels")
     assert scores["logged_to_mlflow"]
-    logged = {
-        Path(a.path).name
-        for a in tracking.registry_client().list_artifacts(run.info.run_id, "plots")
-    }
+    logged = {Path(a.path).name for a in registry_client().list_artifacts(run.info.run_id, "plots")}
     assert logged == {"umap.png", "confusion.png", "probability.png", "scores.json"}
     for name in ("umap.png", "confusion.png", "probability.png"):
         _png(workdir / "plots" / name)
@@ -371,8 +368,8 @@ def test_figures_and_scores_logged_to_the_active_run(
 
 def test_explain_averages_attention_by_type(pbmc: Any, model_dir: Path, tmp_path: Path) -> None:
     from scbert import load_pretrained
-    from scbert_platform.annotation import LoadedModel, chunk_tokens, expression_input
-    from scbert_platform.explanation import explain, write_explanation
+    from scbert_platform.infer.annotation import LoadedModel, chunk_tokens, expression_input
+    from scbert_platform.infer.explanation import explain, write_explanation
 
     explanation = explain(
         pbmc, model=str(model_dir), groupby="bulk_labels", top_n=4, min_cells=15, progress=False

@@ -19,7 +19,7 @@ import scbert_platform.api as sb
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, pbmc_shards: Path) -> Path:
     from scbert import save_pretrained
-    from scbert_platform.loader import ShardInfo
+    from scbert_platform.data.loader import ShardInfo
 
     info = ShardInfo.read(pbmc_shards)
     config = tiny_config(
@@ -63,8 +63,8 @@ def test_one_import_names_what_a_notebook_needs() -> None:
 def test_annotate_embed_explain_and_plot_from_one_loaded_model(
     pbmc: Any, model_dir: Path, tmp_path: Path
 ) -> None:
-    from scbert_platform.annotation import EMBEDDING, PROBABILITY
-    from scbert_platform.annotation import annotate as module_annotate
+    from scbert_platform.infer.annotation import EMBEDDING, PROBABILITY
+    from scbert_platform.infer.annotation import annotate as module_annotate
 
     model = sb.load_model(model_dir, device="cpu")
     assert isinstance(model, sb.LoadedModel) and model.classes and len(model.panel) == 765

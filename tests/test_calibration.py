@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from conftest import build_model, random_tokens, tiny_config
 
 from scbert import ScBertConfig, load_pretrained, save_pretrained
-from scbert_platform.loader import ShardInfo, iter_local_batches
-from scbert_platform.metrics import (
+from scbert_platform.data.loader import ShardInfo, iter_local_batches
+from scbert_platform.data.splits import CellSplit
+from scbert_platform.params import Params
+from scbert_platform.train.distributed import CollapsedRun, calibrate_and_check, read_calibration
+from scbert_platform.train.loop import ClassLoss, fit_temperature, predict
+from scbert_platform.train.metrics import (
     expected_calibration_error,
     reliability_bins,
     selective_scores,
 )
-from scbert_platform.params import Params
-from scbert_platform.splits import CellSplit
-from scbert_platform.train_ray import CollapsedRun, calibrate_and_check, read_calibration
-from scbert_platform.training import ClassLoss, fit_temperature, predict
 
 
 def test_temperature_scaling_recovers_a_known_temperature() -> None:

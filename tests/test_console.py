@@ -65,7 +65,7 @@ import json, os, sys, threading
 import ray, ray.data
 from conftest import non_loopback_listeners, tiny_params
 from scbert_platform.cluster import start_ray
-from scbert_platform.train_ray import fit
+from scbert_platform.train.distributed import fit
 
 start_ray(num_cpus=2)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PBMC_PARAMS, child_runs, mlflow_client, noise_in, scbert_cli, tiny_params
 
-from scbert_platform.ingest import read_manifest
+from scbert_platform.data.ingest import read_manifest
 
 pytestmark = pytest.mark.ray
 N_FOLDS = 2  # the CV test's folds
@@ -28,7 +28,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     registered with its CV metrics, refused by the gate (below logreg) and forced. The real
     cells are ingested in 2 folds rather than 5: the same mechanics in 3 fewer trials (the
     suite's time budget)."""
-    from scbert_platform.ingest import ingest
+    from scbert_platform.data.ingest import ingest
     from scbert_platform.params import DataParams
 
     shards = workdir / "pbmc68k"
@@ -113,7 +113,7 @@ def test_leave_one_dataset_out(pbmc_h5ad: Path, workdir: Path, ray_local: Any) -
     each dataset in turn is the test set."""
     import anndata
 
-    from scbert_platform.ingest import ingest
+    from scbert_platform.data.ingest import ingest
     from scbert_platform.params import DataParams
     from scbert_tune.cv import cross_validate
 

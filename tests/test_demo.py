@@ -30,8 +30,8 @@ def test_demo_annotates_test_fold_cells(pbmc_shards, tmp_path, capsys) -> None: 
     from conftest import build_model, tiny_config
 
     from scbert import save_pretrained
+    from scbert_platform.data.loader import ShardInfo
     from scbert_platform.demo import run_on_shards
-    from scbert_platform.loader import ShardInfo
 
     info = ShardInfo.read(pbmc_shards)
     config = tiny_config(n_genes=info.n_genes, n_classes=len(info.labels), gene_embedding="learned")

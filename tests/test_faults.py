@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import build_model, finetuned_run, tiny_config
 
-from scbert_platform.ingest import ShardError
+from scbert_platform.data.ingest import ShardError
 
 NAME = "scbert-toy"
 SHARD = "part-00000.parquet"
@@ -65,8 +65,8 @@ def damaged_copy(shards: Path, directory: Path, damage: str) -> Path:
 def assert_every_reader_refuses(directory: Path, message: str) -> None:
     """Training's and CV's loaders (local and Ray Data), CV's planner, gene-embed and the
     baselines all stop on the directory before reading a row, with ``message``."""
-    from scbert_platform.gene_embed import learn_gene_embeddings
-    from scbert_platform.loader import ShardInfo, cell_dataset, iter_local_batches
+    from scbert_platform.data.gene_embed import learn_gene_embeddings
+    from scbert_platform.data.loader import ShardInfo, cell_dataset, iter_local_batches
     from scbert_platform.params import Params
     from scbert_tune.baselines import cross_validate
     from scbert_tune.cv import plan
@@ -115,7 +115,7 @@ def test_a_shard_corrupted_in_place_is_named(
 def test_a_missing_or_broken_manifest_is_named(
     pbmc_shards: Path, workdir: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
-    from scbert_platform.loader import ShardInfo
+    from scbert_platform.data.loader import ShardInfo
 
     shards = damaged_copy(pbmc_shards, workdir / "cells", damage)
     problem = "is missing" if damage == "no manifest" else r"is not valid JSON \(.*line"
@@ -131,9 +131,9 @@ def test_a_damaged_checkpoint_is_named_wherever_it_is_loaded(
 ) -> None:
     from scbert import load_pretrained, save_pretrained
     from scbert.checkpoint import CheckpointError
-    from scbert_platform.loader import ShardInfo
-    from scbert_platform.models import load_model, resolve_model
-    from scbert_platform.train_ray import TrainingError, check_init_from
+    from scbert_platform.data.loader import ShardInfo
+    from scbert_platform.infer.models import load_model, resolve_model
+    from scbert_platform.train.distributed import TrainingError, check_init_from
 
     info = ShardInfo.read(pbmc_shards)
     config = tiny_config(n_genes=info.n_genes, n_classes=len(info.labels))
@@ -201,7 +201,7 @@ def test_a_damaged_checkpoint_is_named_wherever_it_is_loaded(
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry after some use: version 1 the champion, version 2 the challenger. Tests copy
     its database (the model artifacts stay here, where the database points)."""
-    from scbert_tune.registry import promote, register
+    from scbert_platform.track.registry import promote, register
 
     directory = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as patch:
@@ -252,7 +252,7 @@ db.execute("ROLLBACK")
 def test_a_locked_database_is_named_and_waited_for(
     registry: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from scbert_tune.registry import promote
+    from scbert_platform.track.registry import promote
 
     database = copy_registry(registry, workdir) / "mlruns.db"
     holder = subprocess.Popen(
@@ -358,7 +358,7 @@ def test_a_full_disk_during_ingest_keeps_the_previous_output(
 KILL_AT_WRITE = """
 import json, os, signal, sys
 from mlflow.tracking import MlflowClient
-import scbert_platform.train_ray, scbert_tune.registry
+import scbert_platform.train.distributed, scbert_platform.track.registry
 from scbert_platform.cli import main
 kill_at = 0
 def killing(name):
@@ -393,7 +393,7 @@ def test_promote_and_rollback_killed_at_every_step_leave_a_consistent_registry(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from scbert_tune.registry import promote
+    from scbert_platform.track.registry import promote
 
     promoted = copy_registry(registry, workdir / "promoted")  # v2 champion, to roll back
     use_registry(promoted, monkeypatch)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scbert_platform import cli, datasets
-from scbert_platform.ingest import ingest, read_manifest
+from scbert_platform import cli
+from scbert_platform.data import datasets
+from scbert_platform.data.ingest import ingest, read_manifest
 from scbert_platform.params import DataParams
 
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from scbert.embedding import load_gene2vec_text
-from scbert_platform.gene_embed import (
+from scbert_platform.data.gene_embed import (
     learn_gene_embeddings,
     main,
     ppmi_,
     truncated_svd,
     write_gene2vec_text,
 )
-from scbert_platform.synthetic import make_synthetic
+from scbert_platform.data.synthetic import make_synthetic
 
 N_TYPES, MODULE_SIZE = 4, 10
 

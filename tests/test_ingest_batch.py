@@ -20,7 +20,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import write_tenx_h5, write_tenx_mtx
 
-from scbert_platform.ingest import IngestError, ingest, read_manifest
+from scbert_platform.data.ingest import IngestError, ingest, read_manifest
 from scbert_platform.params import DataParams
 
 N_GENES = 50

@@ -21,8 +21,8 @@ import scanpy as sc
 import scipy.sparse as sp
 from conftest import write_tenx_h5, write_tenx_mtx
 
-import scbert_platform.ingest as ingest_module
-from scbert_platform.ingest import IngestError, ingest, read_manifest
+import scbert_platform.data.ingest as ingest_module
+from scbert_platform.data.ingest import IngestError, ingest, read_manifest
 from scbert_platform.params import DataParams
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Variable|Observation) names are not unique")

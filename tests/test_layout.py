@@ -145,5 +145,8 @@ def test_platform_folder_is_scbert_platform() -> None:
 
 def test_the_batch_transform_needs_no_ray() -> None:
     """Serving and notebooks use CellBatcher without Ray: importing it must not import Ray."""
-    code = "import sys, scbert_platform.loader, scbert_platform.ingest\nprint('ray' in sys.modules)"
+    code = (
+        "import sys, scbert_platform.data.loader, scbert_platform.data.ingest\n"
+        "print('ray' in sys.modules)"
+    )
     assert run_python(code, REPO_ROOT).strip() == "False"

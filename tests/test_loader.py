@@ -14,8 +14,8 @@ import torch
 from conftest import build_model, tiny_config
 
 from scbert import tokenize
-from scbert_platform.ingest import read_manifest
-from scbert_platform.loader import (
+from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.loader import (
     NO_LABEL,
     CellBatcher,
     EpochCache,
@@ -220,7 +220,7 @@ def test_prefetching_reader_gives_the_same_batches_and_stops_cleanly(pbmc_shards
 
 
 def test_reader_errors_reach_the_consumer() -> None:
-    from scbert_platform.loader import prefetch
+    from scbert_platform.data.loader import prefetch
 
     def failing() -> Iterator[int]:
         yield 1
@@ -235,7 +235,7 @@ def test_reader_errors_reach_the_consumer() -> None:
 def test_a_stalled_source_times_out_with_the_message() -> None:
     import time
 
-    from scbert_platform.training import with_timeout
+    from scbert_platform.train.loop import with_timeout
 
     def stalled() -> Iterator[int]:
         yield 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from scbert_platform.metrics import (
+from scbert_platform.train.metrics import (
     classification_report,
     confusion_matrix_png,
     masked_token_accuracy,
@@ -188,7 +188,7 @@ def test_png_opens_no_window_and_leaves_the_backend_alone(tmp_path: Path) -> Non
     # a fresh interpreter: importing the module loads no matplotlib; drawing never imports pyplot
     script = f"""
 import sys
-from scbert_platform.metrics import confusion_matrix_png
+from scbert_platform.train.metrics import confusion_matrix_png
 assert "matplotlib" not in sys.modules, "import drew in matplotlib"
 confusion_matrix_png([[3, 1], [0, 4]], ["a", "b"], {str(tmp_path / "cm.png")!r})
 assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"

@@ -1,7 +1,7 @@
-"""The one preprocessing path (scbert_platform.preprocess) and the model's preprocessing record:
-each step on small matrices, the record's round trips, a checkpoint without a record, and a model
-trained on data ingested with a non-default target_sum giving the training-time probabilities
-through the pyfunc, ``annotate`` and the registry."""
+"""The one preprocessing path (scbert_platform.data.preprocess) and the model's preprocessing
+record: each step on small matrices, the record's round trips, a checkpoint without a record,
+and a model trained on data ingested with a non-default target_sum giving the training-time
+probabilities through the pyfunc, ``annotate`` and the registry."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import PBMC_PARAMS, build_model, tiny_config, tiny_params
 
-from scbert_platform.preprocess import (
+from scbert_platform.data.preprocess import (
     PREPROCESSING_FILE,
     PUBLISHED_DEFAULTS,
     PreprocessError,
@@ -95,7 +95,7 @@ def test_counts_recovered_from_scaled_values_exactly() -> None:
 
 
 def test_align_handles_missing_extra_and_shuffled_genes() -> None:
-    from scbert_platform.panel import Panel
+    from scbert_platform.data.panel import Panel
 
     panel = Panel(("A", "B", "C", "D"))
     genes = ["C", "X", "A"]  # shuffled, one unknown; B and D missing
@@ -139,8 +139,8 @@ def test_tokens_follow_the_records_target_sum() -> None:
 
 
 def test_error_types_share_a_base_and_convert() -> None:
-    from scbert_platform.annotation import AnnotationError
-    from scbert_platform.ingest import IngestError
+    from scbert_platform.data.ingest import IngestError
+    from scbert_platform.infer.annotation import AnnotationError
 
     assert issubclass(IngestError, PreprocessError) and issubclass(AnnotationError, ValueError)
     assert issubclass(AnnotationError, PreprocessError)
@@ -185,7 +185,7 @@ def test_published_values() -> None:
 
 
 def test_record_from_this_and_older_manifests(pbmc_shards: Path) -> None:
-    from scbert_platform.ingest import read_manifest
+    from scbert_platform.data.ingest import read_manifest
 
     manifest = read_manifest(pbmc_shards)
     record = Preprocessing.from_manifest(manifest, n_bins=5)
@@ -211,12 +211,12 @@ def test_checkpoint_without_a_record_gets_the_published_values_and_says_so(
 ) -> None:
     import anndata
 
-    from scbert_platform.annotation import annotate
-    from scbert_platform.models import load_model, resolve_model
-    from scbert_platform.pyfunc import CHECKPOINT, ScBertAnnotator
+    from scbert_platform.infer.annotation import annotate
+    from scbert_platform.infer.models import load_model, resolve_model
+    from scbert_platform.track.pyfunc import CHECKPOINT, ScBertAnnotator
 
     directory = tiny_checkpoint(tmp_path / "old")
-    with caplog.at_level(logging.WARNING, logger="scbert_platform.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="scbert_platform.data.preprocess"):
         loaded = load_model(resolve_model(str(directory)))
         load_model(resolve_model(str(directory)))
     assert loaded.preprocessing == Preprocessing.published(
@@ -251,7 +251,7 @@ def test_checkpoint_without_a_record_gets_the_published_values_and_says_so(
 
 @pytest.fixture(scope="module")
 def shards_5000(tmp_path_factory: pytest.TempPathFactory, pbmc_h5ad: Path) -> Path:
-    from scbert_platform.ingest import ingest
+    from scbert_platform.data.ingest import ingest
     from scbert_platform.params import DataParams
 
     out = tmp_path_factory.mktemp("cells") / "pbmc5000"
@@ -267,7 +267,7 @@ def trained(
     """A tiny model fine-tuned a few steps on the target_sum=5000 shards, tracked in a fresh
     MLflow store (its root is ``workdir``)."""
     from scbert_platform.cluster import start_ray
-    from scbert_platform.train_ray import fit
+    from scbert_platform.train.distributed import fit
 
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as patch:
@@ -284,9 +284,9 @@ def training_time_probabilities(shards: Path, checkpoint: str) -> tuple[Any, np.
     import torch
 
     from scbert import load_pretrained
-    from scbert_platform.loader import iter_local_batches
-    from scbert_platform.pyfunc import shard_counts
-    from scbert_platform.training import predict
+    from scbert_platform.data.loader import iter_local_batches
+    from scbert_platform.track.pyfunc import shard_counts
+    from scbert_platform.train.loop import predict
 
     bundle = load_pretrained(checkpoint)
     batches = iter_local_batches(shards, bundle.model.config.n_bins, batch_size=64)
@@ -303,12 +303,12 @@ def test_pyfunc_and_annotate_give_the_training_time_probabilities(
     import anndata
     import mlflow
 
-    from scbert_platform.annotation import PROBABILITIES, annotate
-    from scbert_platform.ingest import read_manifest
-    from scbert_platform.models import load_model, resolve_model
-    from scbert_platform.pyfunc import counts_to_tokens
-    from scbert_platform.tracking import registry_client, tracking_uri
-    from scbert_tune.registry import register
+    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.infer.annotation import PROBABILITIES, annotate
+    from scbert_platform.infer.models import load_model, resolve_model
+    from scbert_platform.track.pyfunc import counts_to_tokens
+    from scbert_platform.track.registry import register
+    from scbert_platform.track.runs import registry_client, tracking_uri
 
     root, result = trained
     checkpoint = Path(result.checkpoint)

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from conftest import finetuned_run
 
-from scbert_platform import tracking
-from scbert_tune.registry import (
+from scbert_platform.track.registry import (
     BASELINE_METRIC,
     BASELINE_TAG,
     CHALLENGER,
@@ -20,10 +19,11 @@ from scbert_tune.registry import (
     register,
     rollback,
 )
+from scbert_platform.track.runs import MODEL_URI_TAG, experiment_id
 
 
 def version_of(alias: str) -> Any:
-    from scbert_platform.tracking import registry_client
+    from scbert_platform.track.runs import registry_client
 
     return registry_client().get_model_version_by_alias("scbert-toy", alias)
 
@@ -31,7 +31,7 @@ def version_of(alias: str) -> Any:
 def with_baseline(run_id: str, macro_f1: float, kind: str = "logreg") -> str:
     """The run as ``scbert cv --baseline`` leaves its parent: the best baseline's mean macro F1
     on the same folds, and its name."""
-    from scbert_platform.tracking import registry_client
+    from scbert_platform.track.runs import registry_client
 
     client = registry_client()
     client.log_metric(run_id, BASELINE_METRIC, macro_f1)
@@ -104,13 +104,13 @@ def test_gate_without_a_baseline_figure_says_nothing_of_baselines(workdir: Path)
 def test_a_run_is_registered_once(workdir: Path) -> None:
     """Registering a run again (a register killed between creating the version and moving the
     alias, or a user making an older run the challenger again) reuses the run's version."""
-    from scbert_platform.tracking import registry_client
+    from scbert_platform.track.runs import registry_client
 
     first, second = finetuned_run(workdir, 0.80, seed=0), finetuned_run(workdir, 0.81, seed=1)
     assert register(first).version == "1"
     client = registry_client()
     run = client.get_run(second)
-    uri = run.data.tags[tracking.MODEL_URI_TAG]
+    uri = run.data.tags[MODEL_URI_TAG]
     client.create_model_version("scbert-toy", uri, run_id=second)  # what a killed register left
     assert register(second).version == "2" and str(version_of(CHALLENGER).version) == "2"
     again = register(second)
@@ -134,7 +134,7 @@ def test_gate_refuses_a_model_that_cannot_predict(workdir: Path) -> None:
     import mlflow
 
     run_id = finetuned_run(workdir, 0.9)
-    uri = mlflow.get_run(run_id).data.tags[tracking.MODEL_URI_TAG]
+    uri = mlflow.get_run(run_id).data.tags[MODEL_URI_TAG]
     model = mlflow.get_logged_model(uri.removeprefix("models:/"))
     weights = Path(model.artifact_location.removeprefix("file://")) / "artifacts"
     for file in weights.rglob("model.safetensors"):
@@ -147,7 +147,7 @@ def test_gate_refuses_a_model_that_cannot_predict(workdir: Path) -> None:
 def test_register_needs_a_finetuning_run(workdir: Path) -> None:
     import mlflow
 
-    with mlflow.start_run(experiment_id=tracking.experiment_id("scbert-pretrain")) as run:
+    with mlflow.start_run(experiment_id=experiment_id("scbert-pretrain")) as run:
         pass
     with pytest.raises(ValueError, match="fine-tuning run"):
         register(run.info.run_id)

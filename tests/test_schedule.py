@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from scbert_platform.schedule import (
+from scbert_platform.train.schedule import (
     cosine_warmup_restarts,
     cycle_position,
     linear_warmup,

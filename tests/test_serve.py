@@ -64,11 +64,11 @@ def service(
     from ray import serve
 
     from scbert_platform.cluster import start_ray
-    from scbert_platform.loader import ShardInfo
+    from scbert_platform.data.loader import ShardInfo
     from scbert_platform.params import ServeParams
-    from scbert_platform.pyfunc import shard_counts
+    from scbert_platform.track.pyfunc import shard_counts
+    from scbert_platform.track.registry import promote, register
     from scbert_serve.app import run
-    from scbert_tune.registry import promote, register
 
     root = tmp_path_factory.mktemp("serve")
     info = ShardInfo.read(pbmc_shards)
@@ -138,7 +138,7 @@ def test_annotate_matches_the_pyfunc_on_real_cells_in_every_layout(service: Serv
     # the same counts through the registered pyfunc in this process (ingest's functions)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(service.root)
-        from scbert_platform.tracking import tracking_uri
+        from scbert_platform.track.runs import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         expected = mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(service.counts.iloc[:40])
@@ -739,8 +739,8 @@ def test_replicas_scale_from_one_to_two_under_load_and_back(service: Service) ->
 
 
 def test_a_promoted_model_replaces_the_replicas_without_a_failed_request(service: Service) -> None:
+    from scbert_platform.track.registry import promote, register
     from scbert_serve.app import run
-    from scbert_tune.registry import promote, register
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(service.root)

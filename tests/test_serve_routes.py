@@ -48,7 +48,7 @@ def loaded() -> list[Any]:
 
 @pytest.fixture(scope="module")
 def replica(checkpoint: Path, loaded: list[Any]) -> Any:
-    from scbert_platform.models import ModelSource, load_model
+    from scbert_platform.infer.models import ModelSource, load_model
     from scbert_platform.params import ServeParams
     from scbert_serve.app import TOKEN_ENV, AnnotatorReplica, resolve_model
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 from conftest import tiny_params
 
-from scbert_platform.ingest import read_manifest
-from scbert_platform.loader import iter_local_batches
+from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.loader import iter_local_batches
+from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
-from scbert_platform.splits import CellSplit
 from scbert_tune.cv import novel_type_scores, plan
 from scbert_tune.sweep import PAPER_SPACE, SweepSpec, _search_alg, default_spec, tune_space
 

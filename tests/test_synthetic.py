@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scbert_platform.synthetic import main, make_synthetic, write_synthetic_h5ad
+from scbert_platform.data.synthetic import main, make_synthetic, write_synthetic_h5ad
 
 N_CELLS, N_GENES = 2_500, 300
 

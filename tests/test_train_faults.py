@@ -16,7 +16,7 @@ from conftest import scbert_cli, tiny_params
 from test_train_ray import mlflow_run
 
 from scbert.atomic import copy_directory
-from scbert_platform.train_ray import TrainingError, fit
+from scbert_platform.train.distributed import TrainingError, fit
 
 pytestmark = pytest.mark.ray
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_params
 
 from scbert import load_pretrained
-from scbert_platform.ingest import read_manifest
+from scbert_platform.data.ingest import read_manifest
 from scbert_platform.params import TrainParams
-from scbert_platform.train_ray import CollapsedRun, TrainingError, check_resources, fit
+from scbert_platform.train.distributed import CollapsedRun, TrainingError, check_resources, fit
 
 pytestmark = pytest.mark.ray
 
@@ -67,7 +67,7 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     # the pyfunc: raw counts in, cell types out, the same as the checkpoint's own prediction
     import mlflow
 
-    from scbert_platform.pyfunc import counts_to_tokens, example_counts
+    from scbert_platform.track.pyfunc import counts_to_tokens, example_counts
 
     assert result.model_uri is not None
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)

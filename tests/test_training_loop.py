@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import build_model, random_tokens, tiny_config
 
-from scbert_platform.loader import ShardInfo, iter_local_batches
+from scbert_platform.data.loader import ShardInfo, iter_local_batches
 from scbert_platform.params import TrainParams
-from scbert_platform.training import (
+from scbert_platform.train.loop import (
     CompiledWithFallback,
     LoopHooks,
     LoopState,
@@ -204,7 +204,7 @@ def test_published_freeze_trains_the_last_block_norm_and_head() -> None:
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
-    from scbert_platform.training import class_weights
+    from scbert_platform.train.loop import class_weights
 
     weights = class_weights({"a": 10, "b": 30, "c": 0}, ["a", "b", "c"])
     assert weights.tolist() == pytest.approx([1.5, 0.5, 0.0])
@@ -229,7 +229,7 @@ def test_masked_validation_on_real_cells(pbmc_shards: Path) -> None:
 def test_masked_validation_counts_as_the_metric_does() -> None:
     """evaluate_pretraining's accuracy is metrics.masked_token_accuracy over all its batches."""
     from scbert import mask_tokens
-    from scbert_platform.metrics import masked_token_accuracy
+    from scbert_platform.train.metrics import masked_token_accuracy
 
     model, batches = build_model(tiny_config(), seed=0).eval(), token_batches(3)
     result = evaluate_pretraining(model, batches, n_bins=5, seed=7, device=CPU, precision="fp32")

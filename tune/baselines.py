@@ -21,7 +21,7 @@ def load_cells(shards: str | Path) -> tuple[Any, np.ndarray, np.ndarray, list[st
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    from scbert_platform.loader import ShardInfo, shard_files, values_matrix
+    from scbert_platform.data.loader import ShardInfo, shard_files, values_matrix
 
     info = ShardInfo.read(shards)
     index = {label: i for i, label in enumerate(info.labels)}
@@ -52,7 +52,7 @@ def _estimator(kind: str, seed: int) -> Any:
 
 def cross_validate(shards: str | Path, kind: str, *, seed: int = 0) -> dict[str, Any]:
     """Per-fold and summary metrics of a baseline over the shards' folds."""
-    from scbert_platform.metrics import classification_report
+    from scbert_platform.train.metrics import classification_report
 
     x, y, folds, names = load_cells(shards)
     labelled = y >= 0

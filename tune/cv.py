@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from scbert_platform.cluster import start_ray
+from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
-from scbert_platform.splits import CellSplit
-from scbert_platform.train_ray import TrainingError, metric_name
+from scbert_platform.train.distributed import TrainingError, metric_name
 from scbert_tune.trials import (
     Study,
     child_runs,
@@ -62,8 +62,8 @@ def plan(
     novel_types: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The trials of a protocol: ``{"group", "held_out", "split"}`` each."""
-    from scbert_platform.ingest import read_manifest
-    from scbert_platform.loader import check_shards
+    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.data.loader import check_shards
 
     manifest = read_manifest(shards)
     check_shards(shards, manifest)  # a damaged shard fails here, not inside every trial
@@ -235,9 +235,9 @@ def _evaluate_trial(
     import torch
 
     from scbert import load_pretrained
-    from scbert_platform.loader import iter_local_batches
-    from scbert_platform.train_ray import CHECKPOINT_TAG, read_calibration
-    from scbert_platform.training import predict
+    from scbert_platform.data.loader import iter_local_batches
+    from scbert_platform.train.distributed import CHECKPOINT_TAG, read_calibration
+    from scbert_platform.train.loop import predict
 
     item = result.config["trial"]
     trial_id = Path(result.path).name
@@ -282,8 +282,8 @@ def calibration_scores(
     y_true: np.ndarray, proba: np.ndarray, before: np.ndarray, threshold: float
 ) -> dict[str, float]:
     """ECE after and before calibration (``before``: ``uncalibrated(proba, T)``), and the
-    selective scores at ``threshold`` (``scbert_platform.metrics.selective_scores``) of both."""
-    from scbert_platform.metrics import expected_calibration_error, selective_scores
+    selective scores at ``threshold`` (``train.metrics.selective_scores``) of both."""
+    from scbert_platform.train.metrics import expected_calibration_error, selective_scores
 
     scores = {
         "ece": expected_calibration_error(proba, y_true),
@@ -340,7 +340,7 @@ CALIBRATION_KEYS = (
 
 
 def _aggregate(evaluated: list[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
-    from scbert_platform.metrics import classification_report, reliability_bins
+    from scbert_platform.train.metrics import classification_report, reliability_bins
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in evaluated:
@@ -530,10 +530,10 @@ def _log_parent(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.metrics import confusion_matrix_png, reliability_png
-    from scbert_platform.tracking import MODEL_URI_TAG, tracking_uri
+    from scbert_platform.track.registry import BASELINE_METRIC, BASELINE_TAG
+    from scbert_platform.track.runs import MODEL_URI_TAG, tracking_uri
+    from scbert_platform.train.metrics import confusion_matrix_png, reliability_png
     from scbert_tune.baselines import BASELINES
-    from scbert_tune.registry import BASELINE_METRIC, BASELINE_TAG
 
     client = MlflowClient(tracking_uri=tracking_uri())
     main = groups[0]  # the first variant's first group: what the registry gate reads

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from scbert_platform.cluster import start_ray
-from scbert_platform.loader import ShardInfo
+from scbert_platform.data.loader import ShardInfo
 from scbert_platform.params import Params, ParamsError
 from scbert_tune.trials import (
     Study,
@@ -216,7 +216,7 @@ def _scheduler(spec: SweepSpec) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
-        time_attr="training_iteration",  # one result per validation (see train_ray)
+        time_attr="training_iteration",  # one result per validation (see train.distributed)
         grace_period=spec.grace_period,
         reduction_factor=spec.reduction_factor,
         max_t=10_000,
@@ -250,7 +250,7 @@ def sweep(
 
     import mlflow
 
-    from scbert_platform.tracking import MODEL_URI_TAG, tracking_uri
+    from scbert_platform.track.runs import MODEL_URI_TAG, tracking_uri
 
     params = Params.from_dict(params.to_dict())
     set_trial_resources(params, trial_cpus, trial_gpus)
@@ -311,7 +311,7 @@ def sweep(
 def _rows(
     grid: Any, keys: list[str], metric: str, runs: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    from scbert_platform.train_ray import CHECKPOINT_TAG
+    from scbert_platform.train.distributed import CHECKPOINT_TAG
 
     rows, reasons = [], {}
     for result in grid:
@@ -421,7 +421,7 @@ def _log_summary(
 
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri())
     columns = ["trial_id", "status", *keys, spec.metric, "test/accuracy", "test/macro_f1"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scbert_platform.params import Params
-from scbert_platform.train_ray import TrainingError
+from scbert_platform.train.distributed import TrainingError
 
 PARENT_RUN_FILE = "mlflow_run_id"
 EVENTS_FILE = "events.jsonl"
@@ -64,7 +64,7 @@ class Study:
 
     def context(self, parent_run_id: str) -> dict[str, Any]:
         """What each trial needs, with every path absolute (trial processes' cwd differs)."""
-        from scbert_platform.tracking import tracking_uri
+        from scbert_platform.track.runs import tracking_uri
 
         params = Params.from_dict(self.params.to_dict())
         if params.model.gene2vec:
@@ -87,8 +87,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """The Tune trainable: one fine-tuning run with the trial's overrides and split."""
     import ray.tune
 
-    from scbert_platform.splits import CellSplit
-    from scbert_platform.train_ray import fit
+    from scbert_platform.data.splits import CellSplit
+    from scbert_platform.train.distributed import fit
 
     os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
     trial_id = ray.tune.get_context().get_trial_id()
@@ -307,8 +307,8 @@ def parent_run(study: Study, resume: bool, params_to_log: dict[str, Any]) -> str
     """The study's MLflow parent run: created, or (resume) the one it already has."""
     import mlflow
 
-    from scbert_platform import tracking
-    from scbert_platform.ingest import MANIFEST
+    from scbert_platform.data.ingest import MANIFEST
+    from scbert_platform.track.runs import experiment_id, source_tags
 
     marker = study.directory / PARENT_RUN_FILE
     if resume:
@@ -320,11 +320,11 @@ def parent_run(study: Study, resume: bool, params_to_log: dict[str, Any]) -> str
             f"{study.kind} {study.name} already exists in {study.storage}: continue it with "
             f"--resume {study.name}, or choose another --name"
         )
-    experiment_id = tracking.experiment_id(study.experiment)
+    exp_id = experiment_id(study.experiment)
     study.directory.mkdir(parents=True, exist_ok=True)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=study.name) as run:
+    with mlflow.start_run(experiment_id=exp_id, run_name=study.name) as run:
         mlflow.set_tags(
-            tracking.source_tags(study.shards / MANIFEST)
+            source_tags(study.shards / MANIFEST)
             | {"scbert.task": "finetune", "scbert.kind": study.kind, STUDY_TAG: study.name}
         )
         mlflow.log_params({k: v for k, v in params_to_log.items() if v is not None})
@@ -415,7 +415,7 @@ def child_runs(parent_run_id: str) -> dict[str, Any]:
     """The parent's child runs by trial id (the latest where a trial has several)."""
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri())
     parent = client.get_run(parent_run_id)
@@ -437,7 +437,7 @@ def close_stopped_children(parent_run_id: str, reasons: dict[str, str]) -> None:
     scheduler, or failed) are marked KILLED/FAILED with the reason, not left RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri())
     for trial_id, run in child_runs(parent_run_id).items():
@@ -455,7 +455,7 @@ def running(parent_run_id: str) -> Iterator[None]:
     error (a restored study sets it RUNNING again)."""
     from mlflow.tracking import MlflowClient
 
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri())
     client.update_run(parent_run_id, status="RUNNING")

@@ -25,9 +25,9 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from scbert import ScBert, ScBertConfig, load_gene2vec_text
 from scbert.tokens import tokenize
-from scbert_platform.loader import ShardInfo
-from scbert_platform.metrics import expected_calibration_error
-from scbert_platform.training import ClassLoss, class_weights, fit_temperature
+from scbert_platform.data.loader import ShardInfo
+from scbert_platform.train.loop import ClassLoss, class_weights, fit_temperature
+from scbert_platform.train.metrics import expected_calibration_error
 from scbert_tune.baselines import load_cells
 
 SUMMARY = (  # the per-fold figures summarised as mean ± std

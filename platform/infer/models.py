@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scbert_platform.panel import Panel
-from scbert_platform.preprocess import Preprocessing, model_preprocessing
+from scbert_platform.data.panel import Panel
+from scbert_platform.data.preprocess import Preprocessing, model_preprocessing
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def resolve_model(ref: str) -> ModelSource:
     if ref.startswith("models:/"):
         from mlflow.exceptions import MlflowException
 
-        from scbert_platform.tracking import registry_client, tracking_uri
+        from scbert_platform.track.runs import registry_client, tracking_uri
 
         path = ref.removeprefix("models:/")
         name, at, alias = path.partition("@")

@@ -2,7 +2,7 @@
 by Ray Data shards, checkpoints to ``train.storage_path``, recovery from worker failures, and
 MLflow tracking (rank 0 logs per-step metrics; the driver logs the run's context and results).
 
-The loop itself is ``scbert_platform.training.run_loop``; this module only connects it.
+The loop itself is ``scbert_platform.train.loop.run_loop``; this module only connects it.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ import torch
 from scbert import ScBert, load_pretrained, load_published, save_pretrained
 from scbert.atomic import copy_directory
 from scbert.config import CLS_ACTIVATIONS
-from scbert_platform.ingest import MANIFEST, read_manifest
-from scbert_platform.loader import (
+from scbert_platform.data.ingest import MANIFEST, read_manifest
+from scbert_platform.data.loader import (
     EpochCache,
     ShardInfo,
     cell_dataset,
     dense_batches,
     iter_local_batches,
 )
+from scbert_platform.data.preprocess import Preprocessing
+from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
-from scbert_platform.preprocess import Preprocessing
-from scbert_platform.splits import CellSplit
-from scbert_platform.training import (
+from scbert_platform.train.loop import (
     LOSSES,
     ClassLoss,
     CompiledWithFallback,
@@ -648,7 +648,13 @@ def _fit_once(
     """
     import mlflow
 
-    from scbert_platform import tracking
+    from scbert_platform.track.runs import (
+        MODEL_URI_TAG,
+        experiment_id,
+        source_tags,
+        system_info,
+        tracking_uri,
+    )
 
     if task not in ("pretrain", "finetune"):
         raise ValueError(f"task must be pretrain or finetune, got {task!r}")
@@ -694,12 +700,12 @@ def _fit_once(
             )
         if resume and not exists:
             raise TrainingError(f"no run {run_name} with a checkpoint in {storage} to resume")
-    experiment_id = tracking.experiment_id(experiment or f"scbert-{task}")
+    exp_id = experiment_id(experiment or f"scbert-{task}")
     previous = run_dir / MLFLOW_RUN_FILE if run_dir else None
     run_id = previous.read_text().strip() if previous and previous.is_file() else None
     with mlflow.start_run(
         run_id=run_id,
-        experiment_id=None if run_id else experiment_id,
+        experiment_id=None if run_id else exp_id,
         run_name=None if run_id else run_name,
     ) as run:
         if run_dir:
@@ -722,9 +728,9 @@ def _fit_once(
                 }
             )
             mlflow.log_dict(split.to_dict(), "split.json")
-            mlflow.set_tags(tracking.source_tags(shards / MANIFEST) | {"scbert.task": task})
+            mlflow.set_tags(source_tags(shards / MANIFEST) | {"scbert.task": task})
             mlflow.log_dict(params.to_dict(), "params.yaml")
-            mlflow.log_dict(tracking.system_info(), "system.json")
+            mlflow.log_dict(system_info(), "system.json")
             mlflow.log_artifact(str(shards / MANIFEST), "data")
         config = {
             "params": params.to_dict(),
@@ -735,7 +741,7 @@ def _fit_once(
             "total_steps": total_steps,
             "split": split.to_dict(),
             "mlflow_run_id": run.info.run_id,
-            "tracking_uri": tracking.tracking_uri(),
+            "tracking_uri": tracking_uri(),
             "report_to_tune": report_to_tune,
             **(extra_config or {}),
         }
@@ -797,10 +803,10 @@ def _fit_once(
         mlflow.set_tag(CHECKPOINT_TAG, str(final / MODEL_DIR))
         model_uri = None
         if task == "finetune":
-            from scbert_platform.pyfunc import example_counts, log_pyfunc
+            from scbert_platform.track.pyfunc import example_counts, log_pyfunc
 
             model_uri = log_pyfunc(final / MODEL_DIR, example_counts(shards, info.panel))
-            mlflow.set_tag(tracking.MODEL_URI_TAG, model_uri)
+            mlflow.set_tag(MODEL_URI_TAG, model_uri)
         mlflow.log_metric("steps", saved["loop"]["step"])
         return TrainResult(
             run_name,
@@ -822,8 +828,8 @@ def calibrate_and_check(
     inference path applies it) and recorded in ``calibration.json`` beside the weights.
     Returns the validation ECE before and after, and the temperature."""
     from scbert.atomic import atomic_file
-    from scbert_platform.metrics import expected_calibration_error
-    from scbert_platform.training import fit_temperature, predict
+    from scbert_platform.train.loop import fit_temperature, predict
+    from scbert_platform.train.metrics import expected_calibration_error
 
     bundle = load_pretrained(model_dir)
     batches = iter_local_batches(  # fit hashed the shards before training
@@ -879,7 +885,7 @@ def _log_test_evaluation(
     """Evaluate the chosen checkpoint on the test fold (never the split that chose it)."""
     import mlflow
 
-    from scbert_platform.metrics import confusion_matrix_png, report_markdown
+    from scbert_platform.train.metrics import confusion_matrix_png, report_markdown
 
     bundle = load_pretrained(model_dir)
     assert bundle.labels is not None

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from scbert_platform.annotation import (
+from scbert_platform.infer.annotation import (
     CELL_TYPE,
     DEFAULT_CHUNK_CELLS,
     AnnotationError,
@@ -36,7 +36,7 @@ from scbert_platform.annotation import (
     expression_input,
     row_reader,
 )
-from scbert_platform.models import LoadedModel
+from scbert_platform.infer.models import LoadedModel
 
 RANKINGS = ("attention", "specificity")
 
@@ -197,7 +197,7 @@ def write_explanation(
     (``scbert.atomic.atomic_directory``: an earlier explanation is replaced, a folder of other
     files only with ``overwrite``); logged to the active MLflow run, if any. Returns the files."""
     from scbert.atomic import atomic_directory
-    from scbert_platform.plots import log_to_mlflow
+    from scbert_platform.infer.plots import log_to_mlflow
 
     out = Path(out)
     genes = explanation.genes()
@@ -233,7 +233,7 @@ def attention_heatmap(explanation: Explanation, path: str | Path) -> Path:
     """Types x their top genes: mean attention, each gene's column z-scored over the types."""
     import matplotlib.pyplot as plt
 
-    from scbert_platform.plots import save_figure
+    from scbert_platform.infer.plots import save_figure
 
     columns = _columns(explanation)
     table = explanation.attention[columns]
@@ -256,7 +256,7 @@ def expression_dotplot(explanation: Explanation, path: str | Path) -> Path:
     """Types x their top genes: colour = z-scored mean expression, size = fraction expressing."""
     import matplotlib.pyplot as plt
 
-    from scbert_platform.plots import save_figure
+    from scbert_platform.infer.plots import save_figure
 
     columns = _columns(explanation)
     z = explanation.expression[columns].to_numpy()

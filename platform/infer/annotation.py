@@ -20,7 +20,7 @@
   (``obs['scbert_over_clustering']``, Leiden on the embedding's neighbour graph, unless
   ``over_clustering`` names an obs column), as CellTypist does.
 
-The expression goes through ingest's own functions (``scbert_platform.preprocess``): the
+The expression goes through ingest's own functions (``scbert_platform.data.preprocess``): the
 raw-count checks, the inversion of log-normalised input (and the recovery of integer counts where
 it is exact), panel alignment by exact symbol (missing genes 0, unknown genes dropped),
 ``normalize_total`` to the model's ``target_sum``, ``log2(1 + x)`` and the model's binning.
@@ -41,10 +41,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scbert_platform.ingest import h5ad_rows
-from scbert_platform.models import LoadedModel, ModelSource
-from scbert_platform.panel import Panel
-from scbert_platform.preprocess import (
+from scbert_platform.data.ingest import h5ad_rows
+from scbert_platform.data.panel import Panel
+from scbert_platform.data.preprocess import (
     COUNT_RECOVERY_TOLERANCE,
     PreprocessError,
     Preprocessing,
@@ -56,6 +55,7 @@ from scbert_platform.preprocess import (
     read_expression,
     recover_counts,
 )
+from scbert_platform.infer.models import LoadedModel, ModelSource
 
 __all__ = ["AnnotationError", "LoadedModel", "annotate", "embed"]
 
@@ -272,7 +272,7 @@ def chunk_tokens(
     preprocessing: Preprocessing | int,
 ) -> tuple[Any, sp.csr_matrix, bool]:
     """(model tokens, panel values, counts recovered?) of rows ``start..stop`` through
-    ``scbert_platform.preprocess``: the count checks, log1p inversion, count recovery, panel
+    ``scbert_platform.data.preprocess``: the count checks, log1p inversion, count recovery, panel
     alignment, then the values (log2(1 + normalised counts) of the panel genes, CSR: one stored
     value per expressed gene) and their tokens, with the model's ``preprocessing`` record (an
     int: the published values with that ``n_bins``)."""
@@ -301,7 +301,7 @@ def annotate_chunk(
     embedding: str,
 ) -> ChunkResult:
     """Probabilities and embeddings of rows ``start..stop``."""
-    from scbert_platform.pyfunc import predict_tokens
+    from scbert_platform.track.pyfunc import predict_tokens
 
     tokens, values, recovered = chunk_tokens(
         found, read, start, stop, positions, len(loaded.panel), loaded.preprocessing
@@ -319,7 +319,7 @@ def annotate_chunk(
 
 def embedding_kind(loaded: LoadedModel, requested: str) -> str:
     """``auto`` -> ``classifier`` for a fine-tuned model, ``encoder`` otherwise."""
-    from scbert_platform.pyfunc import EMBEDDINGS
+    from scbert_platform.track.pyfunc import EMBEDDINGS
 
     if requested == "auto":
         return "classifier" if loaded.classes else "encoder"
@@ -668,7 +668,7 @@ def write_annotation(adata: Any, proba: np.ndarray, classes: list[str], threshol
     import pandas as pd
 
     from scbert import UNASSIGNED
-    from scbert_platform.pyfunc import cell_types
+    from scbert_platform.track.pyfunc import cell_types
 
     names = cell_types(proba, classes, threshold)
     used = set(names)

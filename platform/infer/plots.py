@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from scbert_platform.annotation import (
+from scbert_platform.data.preprocess import Preprocessing, normalised_values
+from scbert_platform.infer.annotation import (
     CELL_TYPE,
     EMBEDDING,
     LEIDEN,
@@ -35,7 +36,6 @@ from scbert_platform.annotation import (
     expression_input,
     leiden,
 )
-from scbert_platform.preprocess import Preprocessing, normalised_values
 
 RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 31))  # 0.1 .. 3.0
 
@@ -50,7 +50,7 @@ def log_to_mlflow(paths: list[Path], artifact_path: str = "plots") -> bool:
 
     if mlflow.active_run() is None and not named:
         return False
-    from scbert_platform.tracking import tracking_uri
+    from scbert_platform.track.runs import tracking_uri
 
     if mlflow.active_run() is None:
         mlflow.set_tracking_uri(tracking_uri())
@@ -76,7 +76,9 @@ def _labels(adata: Any, label_key: str | None) -> Any:
 def _need(adata: Any, *keys: str) -> None:
     missing = [k for k in keys if k not in adata.obs and k not in adata.obsm]
     if missing:
-        raise AnnotationError(f"{missing} missing: run scbert_platform.annotation.annotate first")
+        raise AnnotationError(
+            f"{missing} missing: run scbert_platform.infer.annotation.annotate first"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def expression_view(adata: Any, *, preprocessing: Preprocessing, **input_options
     import anndata
     import scanpy as sc
 
-    from scbert_platform.annotation import row_reader
+    from scbert_platform.infer.annotation import row_reader
 
     found, matrix = expression_input(adata, **input_options)
     with row_reader(found, matrix) as read:
@@ -230,7 +232,7 @@ def confusion_figure(adata: Any, path: str | Path, *, label_key: str) -> Path:
     import pandas as pd
 
     from scbert import UNASSIGNED
-    from scbert_platform.metrics import confusion_matrix_png
+    from scbert_platform.train.metrics import confusion_matrix_png
 
     _need(adata, CELL_TYPE)
     labels = _labels(adata, label_key)

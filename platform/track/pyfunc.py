@@ -4,7 +4,7 @@ Input: a pandas DataFrame of raw counts, one row per cell and one column per pan
 logged signature lists them; the model's ``panel.txt`` artifact too), or an AnnData with raw
 counts in ``.X`` and any genes (through ``unwrap_python_model().predict``: MLflow's schema
 checks take DataFrames only; panel genes missing from the AnnData count as 0).
-The counts go through the same functions as ``scbert ingest`` (``scbert_platform.preprocess``):
+The counts go through the same functions as ``scbert ingest`` (``scbert_platform.data.preprocess``):
 panel alignment, ``normalize_total``, ``log2(1 + x)`` and binning, with the values of the
 model's preprocessing record (``preprocessing.json`` in the checkpoint artifact; the published
 values, with a warning, for a checkpoint without one).
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from scbert.model import CELL_EMBEDDINGS
-from scbert_platform.ingest import IngestError
-from scbert_platform.panel import Panel
-from scbert_platform.preprocess import (
+from scbert_platform.data.ingest import IngestError
+from scbert_platform.data.panel import Panel
+from scbert_platform.data.preprocess import (
     Preprocessing,
     align,
     as_counts_matrix,
@@ -139,7 +139,7 @@ class ScBertAnnotator:
 
     def load_context(self, context: Any) -> None:
         from scbert import load_pretrained
-        from scbert_platform.preprocess import model_preprocessing
+        from scbert_platform.data.preprocess import model_preprocessing
 
         directory = context.artifacts[CHECKPOINT]
         bundle = load_pretrained(directory)
@@ -260,8 +260,8 @@ def shard_counts(
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from scbert_platform.ingest import read_manifest
-    from scbert_platform.loader import shard_files
+    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.data.loader import shard_files
 
     # the shards' target_sum and log base (binning plays no part in inverting them)
     record = Preprocessing.from_manifest(read_manifest(shards), n_bins=1)

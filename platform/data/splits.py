@@ -146,7 +146,7 @@ class CellSplit:
         """Cells per role in a shard set (reads only the columns the rules need)."""
         import pyarrow.parquet as pq
 
-        from scbert_platform.loader import shard_files
+        from scbert_platform.data.loader import shard_files
 
         totals = dict.fromkeys(ROLES, 0)
         for file in shard_files(shards):

@@ -45,8 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from scbert.atomic import atomic_file
-from scbert_platform.ingest import read_manifest
-from scbert_platform.loader import SHARD_GLOB, check_shards
+from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.loader import SHARD_GLOB, check_shards
 
 Weighting = Literal["binary", "value"]
 
@@ -330,9 +330,9 @@ def write_gene2vec_text(path: str | Path, genes: Sequence[str], vectors: np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scbert_platform.gene_embed SHARDS_DIR --out gene2vec.txt --dim 200``."""
+    """``python -m scbert_platform.data.gene_embed SHARDS_DIR --out gene2vec.txt --dim 200``."""
     parser = argparse.ArgumentParser(
-        prog="python -m scbert_platform.gene_embed",
+        prog="python -m scbert_platform.data.gene_embed",
         description="Learn gene2vec-style vectors from co-expression in ingested Parquet shards.",
     )
     parser.add_argument("shards_dir", type=Path, help="directory written by scbert ingest")

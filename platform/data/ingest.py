@@ -1,11 +1,11 @@
 """``scbert ingest``: raw counts -> validated, panel-aligned, normalised Parquet cell shards.
 
-Steps, as published (DESIGN.md), each a function of ``scbert_platform.preprocess`` shared with
+Steps, as published (DESIGN.md), each a function of ``scbert_platform.data.preprocess`` shared with
 every inference path: validate the counts, align the genes to the panel by symbol (or by a
 ``var`` id column), drop cells with fewer than ``min_genes`` expressed panel genes,
 ``normalize_total`` to ``target_sum``, ``log2(1 + x)``. Binning happens at load time
-(``scbert_platform.loader``); the manifest records the values, and training copies them into the
-model's ``preprocessing.json``.
+(``scbert_platform.data.loader``); the manifest records the values, and training copies them
+into the model's ``preprocessing.json``.
 
 The input is read in row chunks straight from the HDF5 file (no whole-matrix load), one task per
 chunk, on Ray Data (or in this process for inputs of a single chunk, with the same functions):
@@ -42,9 +42,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from scbert.atomic import atomic_directory, check_output
-from scbert_platform.panel import Panel, PanelError
-from scbert_platform.params import DataParams
-from scbert_platform.preprocess import (
+from scbert_platform.data.panel import Panel, PanelError
+from scbert_platform.data.preprocess import (
     COUNT_RECOVERY_TOLERANCE,
     PreprocessError,
     align,
@@ -55,6 +54,7 @@ from scbert_platform.preprocess import (
     read_expression,
     recover_counts,
 )
+from scbert_platform.params import DataParams
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -3,8 +3,8 @@
 ``run_loop`` drives both objectives: micro-batches -> loss / ``grad_accum`` -> backward (without
 DDP's all-reduce between accumulation steps, ``no_sync``) -> clip -> Adam -> schedule, stepped per
 optimiser step. It reports progress, validates every ``val_every`` steps and asks for a checkpoint
-every ``ckpt_every`` steps through callbacks, which ``scbert_platform.train_ray`` connects to Ray
-Train and MLflow and which tests connect to lists.
+every ``ckpt_every`` steps through callbacks, which ``scbert_platform.train.distributed``
+connects to Ray Train and MLflow and which tests connect to lists.
 
 - Pretraining (published objective): mask ``mask_prob`` of each cell's non-zero tokens
   (``scbert.mask_tokens``), cross-entropy on the chosen positions; validation: masked-token
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from scbert import IGNORE_INDEX, ScBert, ScBertConfig, mask_tokens
 from scbert_platform.params import ModelParams, TrainParams
-from scbert_platform.schedule import make_scheduler
+from scbert_platform.train.schedule import make_scheduler
 
 Batch = dict[str, Any]
 
@@ -254,7 +254,7 @@ def evaluate_pretraining(
     precision: str,
 ) -> dict[str, float]:
     """Masked-token accuracy and loss with a fixed masking seed (comparable across steps)."""
-    from scbert_platform.metrics import masked_token_counts
+    from scbert_platform.train.metrics import masked_token_counts
 
     was_training = model.training
     model.eval()
@@ -305,7 +305,7 @@ def evaluate_classifier(
     prefix: str = "val",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(flat metrics ``{prefix}/accuracy``, ``{prefix}/macro_f1``, full report)."""
-    from scbert_platform.metrics import classification_report
+    from scbert_platform.train.metrics import classification_report
 
     y_true, proba = predict(model, batches, device=device, precision=precision)
     known = y_true >= 0
@@ -567,6 +567,6 @@ def restore_training_state(
 def with_timeout(batches: Iterable[Batch], seconds: float, message: str) -> Iterator[Batch]:
     """``batches`` read ahead by a helper thread; ``TimeoutError(message)`` when the next one
     takes longer than ``seconds`` (a stalled input pipeline fails instead of hanging the run)."""
-    from scbert_platform.loader import prefetch
+    from scbert_platform.data.loader import prefetch
 
     return prefetch(iter(batches), 2, timeout_s=seconds, timeout_message=message)

@@ -28,8 +28,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from scbert_platform.preprocess import TAG_PREFIX as PREPROCESSING_TAGS
-from scbert_platform.tracking import MODEL_URI_TAG, registry_client
+from scbert_platform.data.preprocess import TAG_PREFIX as PREPROCESSING_TAGS
+from scbert_platform.track.runs import MODEL_URI_TAG, registry_client
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

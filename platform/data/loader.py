@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from scbert.tokens import APPENDED_TOKEN, bin_values
-from scbert_platform.ingest import (
+from scbert_platform.data.ingest import (
     MANIFEST,
     PANEL_FILE,
     ShardError,
@@ -43,7 +43,7 @@ from scbert_platform.ingest import (
     read_manifest,
     reingest_hint,
 )
-from scbert_platform.splits import CellSplit
+from scbert_platform.data.splits import CellSplit
 
 SHARD_GLOB = "part-*.parquet"
 NO_LABEL = -1  # label id of unlabelled cells and of labels outside the vocabulary

@@ -168,7 +168,7 @@ def _uns(spec: SyntheticSpec) -> dict[str, Any]:
     return {
         "synthetic": {
             "synthetic": True,
-            "generator": "scbert_platform.synthetic",
+            "generator": "scbert_platform.data.synthetic",
             "note": "simulated negative-binomial counts with planted cell types; not real data",
             "block_cells": BLOCK_CELLS,
             **params,
@@ -289,9 +289,9 @@ def write_synthetic_h5ad(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scbert_platform.synthetic OUT.h5ad --cells N --genes G --types T --seed S``."""
+    """``python -m scbert_platform.data.synthetic OUT.h5ad --cells N --genes G --types T``."""
     parser = argparse.ArgumentParser(
-        prog="python -m scbert_platform.synthetic",
+        prog="python -m scbert_platform.data.synthetic",
         description="Write synthetic raw counts with planted cell types (not real data) to .h5ad.",
     )
     parser.add_argument("out", type=Path, help="output .h5ad path")

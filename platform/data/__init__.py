@@ -1,0 +1,2 @@
+"""Data: real and synthetic inputs, validation and preprocessing, Parquet shards, splits and
+the loader."""

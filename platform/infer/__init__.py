@@ -1,0 +1,1 @@
+"""Inference: loading a model, annotate/embed (local or on Ray), explain, plots."""

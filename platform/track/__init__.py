@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, the pyfunc model, the registry and its gates."""

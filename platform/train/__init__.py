@@ -1,0 +1,1 @@
+"""Training: the loop and losses, schedules, evaluation metrics, Ray Train wiring."""
