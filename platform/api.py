@@ -22,9 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from scbert_platform.infer.annotation import DEFAULT_CHUNK_CELLS
 from scbert_platform.infer.models import LoadedModel
-from scbert_platform.params import DataParams
+from scbert_platform.params import AnnotateParams, DataParams, ExplainParams
 
 __all__ = [
     "Expression",
@@ -43,26 +42,28 @@ class Expression:
     """Where an AnnData's expression is and what it holds.
 
     ``layer``: a layer instead of ``.X``; ``use_raw``: ``.raw`` (None: ``.raw`` when ``.X`` is
-    not counts and ``.raw`` is); ``kind``: ``auto`` (detected), ``counts`` or ``log1p`` (log of
-    normalised counts, inverted to counts first); ``gene_column``: a ``var`` column holding the
-    model's gene ids (e.g. Ensembl ids) instead of ``var_names``."""
+    not counts and ``.raw`` is); ``input``: ``auto`` (detected), ``counts`` or ``log1p`` (log of
+    normalised counts, inverted to counts first); ``gene_id_column``: a ``var`` column holding
+    the model's gene ids (e.g. Ensembl ids) instead of ``var_names``."""
 
     layer: str | None = None
     use_raw: bool | None = None
-    kind: str = "auto"
-    gene_column: str | None = None
+    input: str = "auto"
+    gene_id_column: str | None = None
 
     def options(self) -> dict[str, Any]:
         """As the keyword arguments of ``scbert_platform.infer.annotation``'s functions."""
         return {
             "layer": self.layer,
             "use_raw": self.use_raw,
-            "input": self.kind,
-            "gene_column": self.gene_column,
+            "input": self.input,
+            "gene_id_column": self.gene_id_column,
         }
 
 
 COUNTS = Expression()
+ANNOTATE = AnnotateParams()  # the defaults of annotate and embed (the annotate params section)
+EXPLAIN = ExplainParams()  # the defaults of explain (the explain params section)
 
 
 def load_model(model: str | Path | LoadedModel, *, device: str = "auto") -> LoadedModel:
@@ -75,14 +76,14 @@ def annotate(
     adata: Any,
     model: str | Path | LoadedModel,
     *,
-    threshold: float = 0.5,
+    threshold: float = ANNOTATE.threshold,
     expression: Expression = COUNTS,
-    majority_vote: bool = False,
+    majority_vote: bool = ANNOTATE.majority_vote,
     over_clustering: str | None = None,
-    embedding: str = "auto",
+    embedding: str = ANNOTATE.embedding,
     device: str = "auto",
-    batch_size: int = 64,
-    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    batch_size: int = ANNOTATE.batch_size,
+    chunk_cells: int = ANNOTATE.chunk_cells,
     distributed: bool = False,
     progress: bool = True,
     copy: bool = False,
@@ -115,9 +116,9 @@ def embed(
     model: str | Path | LoadedModel,
     *,
     expression: Expression = COUNTS,
-    embedding: str = "auto",
+    embedding: str = ANNOTATE.embedding,
     device: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = ANNOTATE.batch_size,
     progress: bool = True,
 ) -> Any:
     """Cell embeddings only (``obsm['X_scbert']``); a pretraining checkpoint works too."""
@@ -139,8 +140,8 @@ def explain(
     model: str | Path | LoadedModel,
     *,
     groupby: str | None = None,
-    top_n: int = 10,
-    rank_by: str = "attention",
+    top_n: int = EXPLAIN.top_n,
+    rank_by: str = EXPLAIN.rank_by,
     expression: Expression = COUNTS,
     device: str = "auto",
     progress: bool = True,

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scbert_platform.params import Params, ParamsError
+from scbert.config import UNASSIGNED_THRESHOLD
+from scbert_platform.params import EMBEDDINGS, RANKINGS, Params, ParamsError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +37,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _params(
     args: argparse.Namespace, flags: dict[str, object], *, stage: str | None = None
 ) -> Params:
+    """``--params`` and ``--set``, then the verb's own flags (those given: not None)."""
     params = Params.load(args.params, args.overrides, stage=stage)
-    for dotted, value in flags.items():
-        if value is not None:
-            params.set(dotted, value)
-    return params
+    return params.replace({dotted: value for dotted, value in flags.items() if value is not None})
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -353,7 +352,7 @@ def _read_h5ad(path: str, backed: bool | None) -> tuple[object, str | None]:
     """The AnnData and, when it is read backed (``--backed``, or a file over 2 GiB), its file."""
     import anndata
 
-    from scbert_platform.data.ingest import quiet_anndata
+    from scbert_platform.data.readers import quiet_anndata
     from scbert_platform.infer.annotation import AnnotationError
 
     file = Path(path)
@@ -375,19 +374,31 @@ def _input_options(args: argparse.Namespace) -> dict[str, object]:
         "layer": args.layer,
         "use_raw": args.use_raw,
         "input": args.input,
-        "gene_column": args.gene_column,
+        "gene_id_column": args.gene_id_column,
     }
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     from scbert_platform.infer.annotation import annotate, embed, predictions_table, write_h5ad
 
+    flags = {
+        "annotate.batch_size": args.batch_size,
+        "annotate.embedding": args.embedding,
+        "annotate.chunk_cells": args.chunk_cells,
+    }
+    if args.verb == "annotate":
+        flags |= {
+            "annotate.threshold": args.threshold,
+            "annotate.majority_vote": args.majority_vote,
+            "annotate.min_prop": args.min_prop,
+        }
+    settings = _params(args, flags).annotate
     adata, source = _read_h5ad(args.input_file, args.backed)
     common = {
-        "batch_size": args.batch_size,
+        "batch_size": settings.batch_size,
         "device": args.device,
-        "embedding": args.embedding,
-        "chunk_cells": args.chunk_cells,
+        "embedding": settings.embedding,
+        "chunk_cells": settings.chunk_cells,
         "distributed": args.distributed,
         "workers": args.workers,
         "progress": not args.quiet,
@@ -399,10 +410,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         annotate(
             adata,
             args.model,
-            threshold=args.threshold,
-            majority_vote=args.majority_vote or bool(args.over_clustering),
+            threshold=settings.threshold,
+            majority_vote=settings.majority_vote or bool(args.over_clustering),
             over_clustering=args.over_clustering,
-            min_prop=args.min_prop,
+            min_prop=settings.min_prop,
             **common,
         )
     summary = dict(adata.uns["scbert"])
@@ -434,20 +445,38 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from scbert_platform.infer.annotation import CELL_TYPE, annotate
     from scbert_platform.infer.explanation import explain, write_explanation
 
+    params = _params(
+        args,
+        {
+            "explain.top_n": args.top_n,
+            "explain.rank_by": args.rank_by,
+            "explain.min_cells": args.min_cells,
+        },
+    )
+    settings, annotating = params.explain, params.annotate
     inputs = [args.input_file, args.model]
     check_output(args.out, kind="explanation", overwrite=args.overwrite, inputs=inputs)
     adata, _ = _read_h5ad(args.input_file, False)
     if args.groupby is None and CELL_TYPE not in adata.obs:
         annotate(
-            adata, args.model, device=args.device, progress=not args.quiet, **_input_options(args)
+            adata,
+            args.model,
+            threshold=annotating.threshold,
+            batch_size=annotating.batch_size,
+            chunk_cells=annotating.chunk_cells,
+            device=args.device,
+            progress=not args.quiet,
+            **_input_options(args),
         )
     explanation = explain(
         adata,
         args.model,
         groupby=args.groupby,
-        top_n=args.top_n,
-        rank_by=args.rank_by,
-        min_cells=args.min_cells,
+        top_n=settings.top_n,
+        rank_by=settings.rank_by,
+        min_cells=settings.min_cells,
+        batch_size=settings.batch_size,
+        chunk_cells=settings.chunk_cells,
         device=args.device,
         progress=not args.quiet,
         **_input_options(args),
@@ -481,7 +510,9 @@ def _model_flags(sub: argparse.ArgumentParser) -> None:
         default="auto",
         help="raw counts or log1p of normalised counts (auto: integers are counts)",
     )
-    sub.add_argument("--gene-column", help="match genes by this var column, not var_names")
+    sub.add_argument(
+        "--gene-id-column", help="match genes by this var column (e.g. Ensembl ids), not var_names"
+    )
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -562,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--layer", help="read counts from this layer (data.layer)")
     ingest.add_argument("--use-raw", action="store_true", help="read counts from .raw")
-    ingest.add_argument("--gene-id-column", help="align genes by this var column")
+    ingest.add_argument(
+        "--gene-id-column",
+        help="align genes by this var column (e.g. Ensembl ids), not var_names "
+        "(data.gene_id_column)",
+    )
     ingest.add_argument(
         "--input-normalized",
         action="store_true",
@@ -625,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument(
         "--threshold",
         type=float,
-        default=0.5,
+        default=UNASSIGNED_THRESHOLD,
         help="Unassigned below this probability (novel-type scores; the calibration table's "
         "selective accuracy)",
     )
@@ -702,15 +737,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text)
         _model_flags(sub)
         sub.add_argument("-o", "--out", required=True, help="output .h5ad (written atomically)")
-        sub.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
+        sub.add_argument(
+            "--batch-size", type=int, help="cells per forward pass (annotate.batch_size)"
+        )
         sub.add_argument(
             "--embedding",
-            choices=["auto", "classifier", "encoder"],
-            default="auto",
+            choices=EMBEDDINGS,
             help="obsm X_scbert: the classifier's last hidden layer (auto for a fine-tuned "
-            "model) or the mean encoding",
+            "model) or the mean encoding (annotate.embedding)",
         )
-        sub.add_argument("--chunk-cells", type=int, default=1024, help="cells read at a time")
+        sub.add_argument(
+            "--chunk-cells", type=int, help="cells read at a time (annotate.chunk_cells)"
+        )
         sub.add_argument(
             "--backed",
             action=argparse.BooleanOptionalAction,
@@ -724,16 +762,23 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "annotate":
             sub.add_argument("--csv", help="also write one row per cell as CSV")
             sub.add_argument(
-                "--threshold", type=float, default=0.5, help="Unassigned below this probability"
+                "--threshold",
+                type=float,
+                help="Unassigned below this probability (annotate.threshold)",
             )
             sub.add_argument(
-                "--majority-vote", action="store_true", help="add obs scbert_majority_vote"
+                "--majority-vote",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="add obs scbert_majority_vote (annotate.majority_vote)",
             )
             sub.add_argument(
                 "--over-clustering", help="obs column of clusters to vote in (implies voting)"
             )
             sub.add_argument(
-                "--min-prop", type=float, default=0.0, help="Heterogeneous below this share"
+                "--min-prop",
+                type=float,
+                help="Heterogeneous below this share (annotate.min_prop)",
             )
             sub.add_argument("--plots", help="write UMAP, confusion, probability PNGs here")
             sub.add_argument(
@@ -741,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             sub.add_argument("--npy", help="also save the embeddings as a .npy array")
+        _common(sub)
         sub.set_defaults(run=cmd_annotate)
 
     exp = verbs.add_parser(
@@ -752,14 +798,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--groupby", help="obs column of cell types (default: the model's predicted types)"
     )
-    exp.add_argument("--top-n", type=int, default=10, help="genes per type")
+    exp.add_argument("--top-n", type=int, help="genes per type (explain.top_n)")
     exp.add_argument(
         "--rank-by",
-        choices=["attention", "specificity"],
-        default="attention",
-        help="mean attention (the paper's) or attention relative to the other types",
+        choices=RANKINGS,
+        help="mean attention (the paper's) or attention relative to the other types "
+        "(explain.rank_by)",
     )
-    exp.add_argument("--min-cells", type=int, default=5, help="skip smaller groups")
+    exp.add_argument("--min-cells", type=int, help="skip smaller groups (explain.min_cells)")
+    _common(exp)
     exp.set_defaults(run=cmd_explain)
 
     fetch = verbs.add_parser(
@@ -792,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from scbert.atomic import interrupted, note_interrupts
     from scbert_platform.console import one_line_warnings, quiet_libraries, set_verbose
-    from scbert_platform.data.ingest import IngestError
+    from scbert_platform.data.errors import IngestError
     from scbert_platform.data.panel import PanelError
     from scbert_platform.track.registry import GateRefused
     from scbert_platform.track.runs import TrackingLocked

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def dataset_line(cells_dir: Path) -> str:
     """The ingested dataset in one line, from its shard manifest."""
-    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.data.manifest import read_manifest
 
     manifest = read_manifest(cells_dir)
     cells, genes = manifest["cells"], manifest["genes"]
@@ -183,7 +183,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
             break
     with torch.inference_mode():
         proba = model.predict_proba(torch.cat(tokens)[:n_cells])
-    predicted = assign_cell_types(proba, bundle.labels, threshold=0.5)
+    predicted = assign_cell_types(proba, bundle.labels)  # the paper's threshold, 0.5
     truth = [info.labels[i] for i in labels[:n_cells]]
     c = model.config
     print(
@@ -259,8 +259,8 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     from scbert_serve.client import Client
     from scbert_serve.schema import sparse_cells
 
-    params = Params.load(params_file).serve
-    params.model = f"models:/{name}@champion"
+    champion = {"serve.model": f"models:/{name}@champion"}
+    params = Params.load(params_file).replace(champion).serve
     source = resolve_model(params.model)
     held_out = _held_out_fold(source, cv_report, registry_client())
     start_ray()

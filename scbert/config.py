@@ -10,6 +10,9 @@ GeneEmbeddingKind = Literal["gene2vec", "learned", "none"]
 
 
 CLS_ACTIVATIONS = ("relu", "leaky_relu")
+CELL_EMBEDDINGS = ("encoder", "classifier")  # ScBert.predict's embedding kinds
+# the paper's novel-type rule: a cell whose top probability is below this is Unassigned
+UNASSIGNED_THRESHOLD = 0.5
 
 
 def default_nb_features(dim_head: int) -> int:

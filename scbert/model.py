@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from scbert.attention import SelfAttention
-from scbert.config import ScBertConfig
+from scbert.config import CELL_EMBEDDINGS, UNASSIGNED_THRESHOLD, ScBertConfig
 from scbert.embedding import GeneEmbedding
 
 UNASSIGNED = "Unassigned"
@@ -123,9 +123,6 @@ class ReconstructionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # (b, n_genes + 1, n_bins + 2)
-
-
-CELL_EMBEDDINGS = ("encoder", "classifier")  # ScBert.predict's embedding kinds
 
 
 class CellTypeHead(nn.Module):
@@ -257,7 +254,7 @@ class ScBert(nn.Module):
 
 
 def assign_cell_types(
-    proba: torch.Tensor, classes: Sequence[str], *, threshold: float = 0.5
+    proba: torch.Tensor, classes: Sequence[str], *, threshold: float = UNASSIGNED_THRESHOLD
 ) -> list[str]:
     """Name of the most probable class per cell, or ``Unassigned`` when its probability is below
     ``threshold`` (the paper's novel-cell-type rule, threshold 0.5)."""

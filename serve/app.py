@@ -375,7 +375,7 @@ class AnnotatorReplica:
     async def _predict(
         self, counts: Any, genes: list[str], ids: list[str], options: Options
     ) -> AnnotateResponse:
-        from scbert_platform.data.ingest import IngestError
+        from scbert_platform.data.errors import IngestError
         from scbert_platform.data.preprocess import tokens_from_counts
         from scbert_platform.track.pyfunc import aligned_counts
 
@@ -532,12 +532,8 @@ Annotator = serve.deployment(
 def deployment_options(params: ServeParams, *, forward_token: bool = False) -> dict[str, Any]:
     """Serve options from the params: autoscaling, per-replica resources and queue length.
     ``forward_token`` passes this process's ``SCBERT_API_TOKEN`` to the replicas (a local
-    ``scbert serve``; on Kubernetes the pods have it from a Secret)."""
-    if not 1 <= params.min_replicas <= params.max_replicas:
-        raise ValueError(
-            f"serve.min_replicas ({params.min_replicas}) must be >= 1 and <= serve.max_replicas "
-            f"({params.max_replicas})"
-        )
+    ``scbert serve``; on Kubernetes the pods have it from a Secret). The values were checked
+    when ``params`` was built (``ServeParams``)."""
     actor: dict[str, Any] = {"num_cpus": params.replica_cpus}
     if params.replica_gpus:
         actor["num_gpus"] = params.replica_gpus

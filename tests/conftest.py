@@ -98,13 +98,12 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def tiny_params(storage: Path, **train: Any) -> Any:
     """Params of a tiny model and a few training steps (Ray Train, sweep and CV tests)."""
-    from scbert_platform.params import ModelParams, Params, TrainParams
+    from scbert_platform.params import DataParams, ModelParams, Params, TrainParams
 
-    params = Params()
-    params.model = ModelParams(
+    model = ModelParams(
         dim=16, depth=1, heads=2, dim_head=8, nb_features=16, gene_embedding="learned"
     )
-    params.data.shuffle_buffer = 128
+    data = DataParams(shuffle_buffer=128)
     defaults: dict[str, Any] = {
         "batch_size": 16,
         "grad_accum": 1,
@@ -119,8 +118,7 @@ def tiny_params(storage: Path, **train: Any) -> Any:
         # a few steps of a tiny model may well predict one class: not what these tests are about
         "collapse_check": False,
     }
-    params.train = TrainParams(**(defaults | train))
-    return params
+    return Params(model=model, data=data, train=TrainParams(**(defaults | train)))
 
 
 @pytest.fixture(scope="session")

@@ -236,7 +236,7 @@ BAD_INPUT = {
     "no panel gene": (
         lambda a: setattr(a, "var_names", [f"ENSG{i:011d}" for i in range(a.n_vars)]),
         {},
-        r"none of the 765 genes.*gene_column=",
+        r"none of the 765 genes.*gene_id_column=",
     ),
     "NaN": (lambda a: a.X.data.__setitem__(0, np.nan), {}, r"NaN/inf values"),
     "normalised, not logged": (
@@ -253,7 +253,7 @@ BAD_INPUT = {
     "missing layer": (_keep, {"layer": "spliced"}, r"no layer 'spliced'"),
     "no .raw": (_keep, {"use_raw": True}, r"no \.raw"),
     "layer and raw": (_keep, {"layer": "x", "use_raw": True}, r"either layer or use_raw"),
-    "missing gene column": (_keep, {"gene_column": "symbol"}, r"var has no column 'symbol'"),
+    "missing gene column": (_keep, {"gene_id_column": "symbol"}, r"var has no column 'symbol'"),
     "bad input kind": (_keep, {"input": "tpm"}, r"input must be"),
     "bad embedding": (_keep, {"embedding": "pca"}, r"embedding must be"),
     "zero batch": (_keep, {"batch_size": 0}, r"batch_size and chunk_cells must be >= 1"),

@@ -70,7 +70,7 @@ def test_annotate_embed_explain_and_plot_from_one_loaded_model(
     assert isinstance(model, sb.LoadedModel) and model.classes and len(model.panel) == 765
     assert model.preprocessing_source == "published defaults"  # a checkpoint without a record
 
-    raw_log1p = sb.Expression(use_raw=True, kind="log1p")
+    raw_log1p = sb.Expression(use_raw=True, input="log1p")
     out = sb.annotate(pbmc, model, expression=raw_log1p, progress=False, copy=True)
     assert out is not pbmc and PROBABILITY in out.obs
     expected = module_annotate(

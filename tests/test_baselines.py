@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.manifest import read_manifest
 from scbert_tune.baselines import cross_validate, markdown
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import PBMC_PARAMS, child_runs, mlflow_client, noise_in, scbert_cli, tiny_params
 
-from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.manifest import read_manifest
 
 pytestmark = pytest.mark.ray
 N_FOLDS = 2  # the CV test's folds

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import build_model, finetuned_run, tiny_config
 
-from scbert_platform.data.ingest import ShardError
+from scbert_platform.data.errors import ShardError
 
 NAME = "scbert-toy"
 SHARD = "part-00000.parquet"

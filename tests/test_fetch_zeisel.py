@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from scbert_platform import cli
 from scbert_platform.data import datasets
-from scbert_platform.data.ingest import ingest, read_manifest
+from scbert_platform.data.ingest import ingest
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.params import DataParams
 
 

@@ -427,7 +427,7 @@ def test_fuzzed_bodies_are_read_or_refused_with_a_4xx() -> None:
     exception (a 500)."""
     from hypothesis import HealthCheck, example, given, settings
 
-    from scbert_platform.data.ingest import IngestError
+    from scbert_platform.data.errors import IngestError
     from scbert_platform.track.pyfunc import aligned_counts
 
     panel = [f"g{i}" for i in range(30)]

@@ -20,7 +20,9 @@ import pytest
 import scipy.sparse as sp
 from conftest import write_tenx_h5, write_tenx_mtx
 
-from scbert_platform.data.ingest import IngestError, ingest, read_manifest
+from scbert_platform.data.errors import IngestError
+from scbert_platform.data.ingest import ingest
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.params import DataParams
 
 N_GENES = 50

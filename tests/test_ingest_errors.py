@@ -22,7 +22,9 @@ import scipy.sparse as sp
 from conftest import write_tenx_h5, write_tenx_mtx
 
 import scbert_platform.data.ingest as ingest_module
-from scbert_platform.data.ingest import IngestError, ingest, read_manifest
+from scbert_platform.data.errors import IngestError
+from scbert_platform.data.ingest import ingest
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.params import DataParams
 
 pytestmark = pytest.mark.filterwarnings("ignore:(Variable|Observation) names are not unique")

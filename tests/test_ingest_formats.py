@@ -24,7 +24,8 @@ import scanpy as sc
 import scipy.io
 import scipy.sparse as sp
 
-from scbert_platform.data.ingest import ingest, read_manifest
+from scbert_platform.data.ingest import ingest
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.params import DataParams
 
 N_CELLS, N_GENES, N_SPARSE = 60, 80, 4

@@ -21,8 +21,9 @@ import scanpy as sc
 import scipy.sparse as sp
 from conftest import PBMC_PARAMS, REPO_ROOT
 
-from scbert_platform.data.ingest import MANIFEST, PANEL_FILE, ingest, read_manifest
+from scbert_platform.data.ingest import ingest
 from scbert_platform.data.loader import shard_files
+from scbert_platform.data.manifest import MANIFEST, PANEL_FILE, read_manifest
 from scbert_platform.params import DataParams
 
 

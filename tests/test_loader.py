@@ -14,7 +14,6 @@ import torch
 from conftest import build_model, tiny_config
 
 from scbert import tokenize
-from scbert_platform.data.ingest import read_manifest
 from scbert_platform.data.loader import (
     NO_LABEL,
     CellBatcher,
@@ -31,6 +30,7 @@ from scbert_platform.data.loader import (
     shard_files,
     sparse_tensors,
 )
+from scbert_platform.data.manifest import read_manifest
 
 
 def dense_values(table: object, n_genes: int) -> np.ndarray:

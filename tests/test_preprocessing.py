@@ -139,7 +139,7 @@ def test_tokens_follow_the_records_target_sum() -> None:
 
 
 def test_error_types_share_a_base_and_convert() -> None:
-    from scbert_platform.data.ingest import IngestError
+    from scbert_platform.data.errors import IngestError
     from scbert_platform.infer.annotation import AnnotationError
 
     assert issubclass(IngestError, PreprocessError) and issubclass(AnnotationError, ValueError)
@@ -185,7 +185,7 @@ def test_published_values() -> None:
 
 
 def test_record_from_this_and_older_manifests(pbmc_shards: Path) -> None:
-    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.data.manifest import read_manifest
 
     manifest = read_manifest(pbmc_shards)
     record = Preprocessing.from_manifest(manifest, n_bins=5)
@@ -303,7 +303,7 @@ def test_pyfunc_and_annotate_give_the_training_time_probabilities(
     import anndata
     import mlflow
 
-    from scbert_platform.data.ingest import read_manifest
+    from scbert_platform.data.manifest import read_manifest
     from scbert_platform.infer.annotation import PROBABILITIES, annotate
     from scbert_platform.infer.models import load_model, resolve_model
     from scbert_platform.track.pyfunc import counts_to_tokens

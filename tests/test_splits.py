@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 from conftest import tiny_params
 
-from scbert_platform.data.ingest import read_manifest
 from scbert_platform.data.loader import iter_local_batches
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
 from scbert_tune.cv import novel_type_scores, plan
@@ -134,8 +134,7 @@ def test_sweep_spec_file_and_checks(tmp_path: Path) -> None:
 
 
 def test_default_space_is_the_papers_grid() -> None:
-    learned = Params()
-    learned.model.gene_embedding = "learned"
+    learned = Params().replace({"model.gene_embedding": "learned"})
     assert default_spec(learned).space == PAPER_SPACE
     assert set(PAPER_SPACE) == {
         "model.n_bins",

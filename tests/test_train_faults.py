@@ -26,8 +26,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     ray_local: object, pbmc_shards: Path, workdir: Path
 ) -> None:
     params = tiny_params(workdir / "runs", workers=2, max_steps=24, ckpt_every=4, log_every=1)
-    pids = workdir / "pids"
-    pids.mkdir()
+    workers = workdir / "runs" / "kill" / "workers"  # each worker's rank, pid and start step
     killed: list[int] = []
 
     def registered_checkpoints() -> int:
@@ -42,9 +41,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     def kill_rank1_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            pid_file = pids / "rank1.pid"
-            if registered_checkpoints() and pid_file.is_file():
-                pid = int(pid_file.read_text().split()[0])
+            record = workers / "rank1.json"
+            if registered_checkpoints() and record.is_file():
+                pid = json.loads(record.read_text())["pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -52,12 +51,12 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
 
     watcher = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = fit(
-        "finetune", pbmc_shards, params, run_name="kill", extra_config={"pid_dir": str(pids)}
-    )
+    result = fit("finetune", pbmc_shards, params, run_name="kill")
     watcher.join(timeout=5)
     assert killed, "no worker was killed"
-    resumed = [int(p.read_text()) for p in pids.glob("rank*.resumed")]
+    records = [json.loads(p.read_text()) for p in workers.glob("rank*.json")]
+    assert killed[0] not in {r["pid"] for r in records}  # the replacement's record
+    resumed = [r["started_at_step"] for r in records]
     assert resumed and min(resumed) >= 4 and min(resumed) % 4 == 0  # from a checkpoint
     assert result.steps == 24
     client, run = mlflow_run(workdir, result.mlflow_run_id)
@@ -78,7 +77,7 @@ def test_a_stopped_run_is_resumed_by_name(
 
     # a longer budget for the same run, resumed as a user would, with --verbose: the Ray
     # workers' own lines come back (a default run keeps them in the logs: tests/test_dvc.py)
-    params.train.max_steps = 8
+    params = params.replace({"train.max_steps": 8})
     params.dump(workdir / "params.yaml")
     # --out over the 4-step model an earlier run copied there: replaced by the 8-step one
     weights = Path(first.checkpoint) / "model.safetensors"

@@ -4,6 +4,7 @@ recovery from a killed worker, and a 2-node local cluster."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import tiny_params
 
 from scbert import load_pretrained
-from scbert_platform.data.ingest import read_manifest
+from scbert_platform.data.manifest import read_manifest
 from scbert_platform.params import TrainParams
 from scbert_platform.train.distributed import CollapsedRun, TrainingError, check_resources, fit
 
@@ -91,7 +92,7 @@ def test_a_collapsed_finetune_fails_is_retried_and_logs_no_model(
     again, and neither run has a model that could be registered. (The other collapse, one class
     for every validation cell, is tests/test_calibration.py's.)"""
     params = tiny_params(workdir / "runs", max_steps=4, val_every=4, ckpt_every=4, log_every=1)
-    params.train.lr, params.train.max_failures = 1e30, 0
+    params = params.replace({"train.lr": 1e30, "train.max_failures": 0})
     with pytest.raises(CollapsedRun, match="the training loss is nan"):
         fit("finetune", pbmc_shards, params, run_name="dead")
     from mlflow.tracking import MlflowClient
@@ -150,8 +151,6 @@ def test_two_node_cluster_one_worker_per_node(pbmc_shards: Path, workdir: Path) 
     cluster.add_node(num_cpus=2, resources={"node_slot": 1})
     try:
         ray.init(address=cluster.address)
-        pids = workdir / "pids"
-        pids.mkdir()
         params = tiny_params(workdir / "runs", workers=2, cpus_per_worker=0.5, max_steps=4)
         result = fit(
             "pretrain",
@@ -159,10 +158,10 @@ def test_two_node_cluster_one_worker_per_node(pbmc_shards: Path, workdir: Path) 
             params,
             run_name="two-nodes",
             worker_resources={"node_slot": 1},
-            extra_config={"pid_dir": str(pids)},
         )
         assert result.steps == 4
-        nodes = {p.read_text().split()[1] for p in pids.glob("rank*.pid")}
+        workers = workdir / "runs" / "two-nodes" / "workers"
+        nodes = {json.loads(p.read_text())["node"] for p in workers.glob("rank*.json")}
         assert len(nodes) == 2
     finally:
         ray.shutdown()

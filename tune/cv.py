@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from scbert.config import UNASSIGNED_THRESHOLD
 from scbert_platform.cluster import start_ray
 from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
@@ -44,8 +45,8 @@ from scbert_tune.trials import (
     concurrency,
     parent_run,
     running,
-    set_trial_resources,
     tuner,
+    with_trial_resources,
 )
 
 PROTOCOLS = ("folds", "reference-size", "leave-one-dataset-out", "novel-type")
@@ -62,16 +63,14 @@ def plan(
     novel_types: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The trials of a protocol: ``{"group", "held_out", "split"}`` each."""
-    from scbert_platform.data.ingest import read_manifest
     from scbert_platform.data.loader import check_shards
+    from scbert_platform.data.manifest import read_manifest
 
     manifest = read_manifest(shards)
     check_shards(shards, manifest)  # a damaged shard fails here, not inside every trial
     labels = list(manifest["labels"]["counts"])
     n_folds = int(manifest["folds"]["n_folds"])
     train = params.train
-    if not 0 < train.val_fraction < 1:
-        raise ValueError(f"train.val_fraction must be between 0 and 1, got {train.val_fraction}")
 
     def fold_trials(group: str, **rules: Any) -> list[dict[str, Any]]:
         return [
@@ -143,7 +142,7 @@ def cross_validate(
     protocol: str = "folds",
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
     novel_types: tuple[str, ...] = (),
-    threshold: float = 0.5,
+    threshold: float = UNASSIGNED_THRESHOLD,
     init_from: str | None = None,
     from_scratch: bool = False,
     compare_from_scratch: bool = False,
@@ -157,8 +156,7 @@ def cross_validate(
     """Run (or, ``resume``, continue) a cross-validation; everything is logged to the parent run
     and ``markdown`` holds the tables."""
     shards = Path(shards)
-    params = Params.from_dict(params.to_dict())
-    set_trial_resources(params, trial_cpus, trial_gpus)
+    params = with_trial_resources(params, trial_cpus, trial_gpus)
     if from_scratch and init_from:
         raise ValueError("give --init-from (pretrained) or --from-scratch, not both")
     if compare_from_scratch and not init_from:
@@ -220,7 +218,7 @@ def cross_validate(
                 f"and continue with --resume {name} (finished trials are kept)"
             )
         runs = child_runs(parent)
-        evaluated = [_evaluate_trial(result, runs, shards, threshold) for result in grid]
+        evaluated = [_evaluate_trial(result, runs, threshold) for result in grid]
         groups = _aggregate(evaluated, protocol)
         baseline_groups = _baselines(shards, baselines, protocol, params.data.seed)
         text = report_markdown(groups + baseline_groups, protocol, threshold)
@@ -228,16 +226,14 @@ def cross_validate(
     return CvResult(name, parent, protocol, groups + baseline_groups, text, study.directory)
 
 
-def _evaluate_trial(
-    result: Any, runs: dict[str, Any], shards: Path, threshold: float
-) -> dict[str, Any]:
-    """The fold model's predictions on its test cells (loaded from the trial's checkpoint)."""
-    import torch
-
+def _evaluate_trial(result: Any, runs: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """The fold model's predictions on its test cells, as its run evaluated and logged them."""
     from scbert import load_pretrained
-    from scbert_platform.data.loader import iter_local_batches
-    from scbert_platform.train.distributed import CHECKPOINT_TAG, read_calibration
-    from scbert_platform.train.loop import predict
+    from scbert_platform.train.distributed import (
+        CHECKPOINT_TAG,
+        read_calibration,
+        read_test_predictions,
+    )
 
     item = result.config["trial"]
     trial_id = Path(result.path).name
@@ -247,9 +243,7 @@ def _evaluate_trial(
     bundle = load_pretrained(run.data.tags[CHECKPOINT_TAG])
     assert bundle.labels is not None
     split = CellSplit.from_dict(item["split"])
-    n_bins = bundle.model.config.n_bins
-    batches = iter_local_batches(shards, n_bins, split=split, role="test", batch_size=64)
-    y_true, proba = predict(bundle.model, batches, device=torch.device("cpu"))
+    y_true, proba = read_test_predictions(run.info.run_id)
     return {
         "variant": item["variant"],
         "group": item["group"],

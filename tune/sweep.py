@@ -48,8 +48,8 @@ from scbert_tune.trials import (
     concurrency,
     parent_run,
     running,
-    set_trial_resources,
     tuner,
+    with_trial_resources,
 )
 
 SEARCHES = ("grid", "random", "optuna", "hyperopt")
@@ -101,11 +101,10 @@ class SweepSpec:
             problems.append(f"mode must be min or max, not {self.mode!r}")
         if self.num_samples < 1:
             problems.append("num_samples must be >= 1")
-        probe = Params.from_dict(params.to_dict())
         for key, value in {**self.fixed, **self.space}.items():
             try:
                 for sample in _samples(key, value):
-                    probe.set(key, sample)
+                    params.replace({key: sample})
             except (ParamsError, ValueError) as err:
                 problems.append(str(err))
             if pretrained and key in ARCHITECTURE and key in self.space:
@@ -252,8 +251,7 @@ def sweep(
 
     from scbert_platform.track.runs import MODEL_URI_TAG, tracking_uri
 
-    params = Params.from_dict(params.to_dict())
-    set_trial_resources(params, trial_cpus, trial_gpus)
+    params = with_trial_resources(params, trial_cpus, trial_gpus)
     spec = spec or default_spec(params)
     spec.check(params, pretrained=bool(init_from))
     ShardInfo.read(shards)  # a damaged shard directory fails here, not inside every trial
@@ -451,8 +449,5 @@ def _log_summary(
             client.set_tag(parent, "scbert.best_run_id", best["mlflow_run_id"])
         if best["model_uri"]:
             client.set_tag(parent, model_uri_tag, best["model_uri"])
-        best_params = Params.from_dict(study.params.to_dict())
-        for key, value in best["params"].items():
-            best_params.set(key, value)
-        best_params.dump(study.directory / "best_params.yaml")
+        study.params.replace(best["params"]).dump(study.directory / "best_params.yaml")
         client.log_artifact(parent, str(study.directory / "best_params.yaml"))

@@ -66,10 +66,10 @@ class Study:
         """What each trial needs, with every path absolute (trial processes' cwd differs)."""
         from scbert_platform.track.runs import tracking_uri
 
-        params = Params.from_dict(self.params.to_dict())
-        if params.model.gene2vec:
-            params.model.gene2vec = str(Path(params.model.gene2vec).resolve())
-        params.train.storage_path = str(self.directory / "train")
+        changes = {"train.storage_path": str(self.directory / "train")}
+        if self.params.model.gene2vec:
+            changes["model.gene2vec"] = str(Path(self.params.model.gene2vec).resolve())
+        params = self.params.replace(changes)
         return {
             "kind": self.kind,
             "shards": str(self.shards.resolve()),
@@ -93,9 +93,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = context["tracking_uri"]
     trial_id = ray.tune.get_context().get_trial_id()
     spec = config.get("trial", config)  # cv: {"trial": {...}}; sweep: {"params": {...}}
-    params = Params.from_dict(context["params"])
-    for dotted, value in spec.get("params", {}).items():
-        params.set(dotted, value.item() if hasattr(value, "item") else value)  # numpy scalars
+    params = Params.from_dict(context["params"]).replace(
+        {  # numpy scalars as Python's
+            dotted: value.item() if hasattr(value, "item") else value
+            for dotted, value in spec.get("params", {}).items()
+        }
+    )
     split = CellSplit.from_dict(spec["split"]) if spec.get("split") else None
     from_scratch = bool(spec.get("from_scratch", context["from_scratch"]))
     storage = Path(params.train.storage_path)
@@ -288,26 +291,28 @@ def concurrency(params: Params, cluster_cpus: float, wanted: int | None) -> int:
     return min(fits, wanted) if wanted else fits
 
 
-def set_trial_resources(params: Params, cpus: float | None, gpus: float | None) -> None:
-    """``--trial-cpus`` (CPUs of a trial, split over its workers) and ``--trial-gpus`` (GPUs per
-    worker, fractional allowed: 0.5 puts two trials' workers on one GPU)."""
-    train = params.train
+def with_trial_resources(params: Params, cpus: float | None, gpus: float | None) -> Params:
+    """``params`` with ``--trial-cpus`` (CPUs of a trial, split over its workers) and
+    ``--trial-gpus`` (GPUs per worker, fractional allowed: 0.5 puts two trials' workers on one
+    GPU) applied."""
+    changes: dict[str, Any] = {}
     if cpus is not None:
         if cpus <= 0:
             raise ValueError(f"--trial-cpus must be > 0, got {cpus}")
-        train.cpus_per_worker = cpus / train.workers
+        changes["train.cpus_per_worker"] = cpus / params.train.workers
     if gpus is not None:
         if gpus < 0:
             raise ValueError(f"--trial-gpus must be >= 0, got {gpus}")
-        train.use_gpu = gpus > 0
-        train.gpus_per_worker = gpus
+        changes["train.use_gpu"] = gpus > 0
+        changes["train.gpus_per_worker"] = gpus
+    return params.replace(changes)
 
 
 def parent_run(study: Study, resume: bool, params_to_log: dict[str, Any]) -> str:
     """The study's MLflow parent run: created, or (resume) the one it already has."""
     import mlflow
 
-    from scbert_platform.data.ingest import MANIFEST
+    from scbert_platform.data.manifest import MANIFEST
     from scbert_platform.track.runs import experiment_id, source_tags
 
     marker = study.directory / PARENT_RUN_FILE

@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pyarrow.compute as pc
@@ -45,10 +45,12 @@ import pyarrow.parquet as pq
 import torch
 
 from scbert.atomic import atomic_file
-from scbert_platform.data.ingest import read_manifest
 from scbert_platform.data.loader import SHARD_GLOB, check_shards
+from scbert_platform.data.manifest import read_manifest
+from scbert_platform.params import WEIGHTINGS, GeneEmbedParams, ModelParams, Params
 
-Weighting = Literal["binary", "value"]
+Weighting = Literal["binary", "value"]  # params.WEIGHTINGS
+MODEL, GENE_EMBED = ModelParams(), GeneEmbedParams()  # the defaults: model.dim, gene_embed
 
 
 def _log(message: str, progress: bool) -> None:
@@ -242,26 +244,26 @@ def _warn_dropped(genes: Sequence[str], n_expressing: np.ndarray, min_cells: int
 def learn_gene_embeddings(
     shards_dir: str | Path,
     *,
-    dim: int = 200,
-    min_cells: int = 5,
-    alpha: float = 0.75,
-    weighting: Weighting = "binary",
-    seed: int = 0,
-    batch_cells: int = 1_024,
+    dim: int = MODEL.dim,
+    min_cells: int = GENE_EMBED.min_cells,
+    alpha: float = GENE_EMBED.alpha,
+    weighting: str = GENE_EMBED.weighting,
+    seed: int = GENE_EMBED.seed,
+    batch_cells: int = GENE_EMBED.batch_cells,
     device: str | None = None,
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """Gene vectors from co-expression in ``scbert ingest`` shards: (panel genes, float32
-    (n_genes, dim)) in ``panel.txt`` order. Method in the module docstring.
+    (n_genes, dim)) in ``panel.txt`` order. Method in the module docstring. The options are the
+    ``gene_embed`` params section's (and ``dim`` is ``model.dim``), checked there: a bad one is
+    a ``ParamsError`` (a ValueError) naming it.
 
     ``device`` None picks CUDA when available. Progress lines go to stderr.
     """
-    if dim < 1 or min_cells < 1 or not 0 < alpha <= 1:
-        raise ValueError(
-            f"need dim >= 1, min_cells >= 1, 0 < alpha <= 1; got {dim}, {min_cells}, {alpha}"
-        )
-    if weighting not in ("binary", "value"):
-        raise ValueError(f"weighting must be 'binary' or 'value', got {weighting!r}")
+    ModelParams(dim=dim)
+    GeneEmbedParams(
+        min_cells=min_cells, alpha=alpha, weighting=weighting, seed=seed, batch_cells=batch_cells
+    )
     directory = Path(shards_dir)
     paths = shard_paths(directory)
     genes = read_panel(directory)
@@ -271,7 +273,7 @@ def learn_gene_embeddings(
     cooc, n_expressing = cooccurrence(
         paths,
         len(genes),
-        weighting=weighting,
+        weighting=cast(Weighting, weighting),
         batch_cells=batch_cells,
         device=target,
         progress=progress,
@@ -330,29 +332,55 @@ def write_gene2vec_text(path: str | Path, genes: Sequence[str], vectors: np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m scbert_platform.data.gene_embed SHARDS_DIR --out gene2vec.txt --dim 200``."""
+    """``python -m scbert_platform.data.gene_embed SHARDS_DIR --out gene2vec.txt``: the options
+    from ``params.yaml`` (``model.dim``, the ``gene_embed`` section), ``--set`` and the flags."""
     parser = argparse.ArgumentParser(
         prog="python -m scbert_platform.data.gene_embed",
         description="Learn gene2vec-style vectors from co-expression in ingested Parquet shards.",
     )
     parser.add_argument("shards_dir", type=Path, help="directory written by scbert ingest")
     parser.add_argument("--out", type=Path, required=True, help="Gene2vec text file to write")
-    parser.add_argument("--dim", type=int, default=200)
-    parser.add_argument("--min-cells", type=int, default=5, help="rarer genes get zero vectors")
-    parser.add_argument("--alpha", type=float, default=0.75, help="context smoothing (1 = off)")
-    parser.add_argument("--weighting", choices=["binary", "value"], default="binary")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dim", type=int, help="vector width (model.dim)")
+    parser.add_argument(
+        "--min-cells", type=int, help="rarer genes get zero vectors (gene_embed.min_cells)"
+    )
+    parser.add_argument("--alpha", type=float, help="context smoothing, 1 = off (gene_embed.alpha)")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, help="(gene_embed.weighting)")
+    parser.add_argument("--seed", type=int, help="(gene_embed.seed)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml if present)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter (repeatable)",
+    )
     args = parser.parse_args(argv)
+    flags = {
+        "model.dim": args.dim,
+        "gene_embed.min_cells": args.min_cells,
+        "gene_embed.alpha": args.alpha,
+        "gene_embed.weighting": args.weighting,
+        "gene_embed.seed": args.seed,
+    }
     try:
+        params = Params.load(args.params, args.overrides).replace(
+            {key: value for key, value in flags.items() if value is not None}
+        )
+        settings = params.gene_embed
         genes, vectors = learn_gene_embeddings(
             args.shards_dir,
-            dim=args.dim,
-            min_cells=args.min_cells,
-            alpha=args.alpha,
-            weighting=args.weighting,
-            seed=args.seed,
+            dim=params.model.dim,
+            min_cells=settings.min_cells,
+            alpha=settings.alpha,
+            weighting=settings.weighting,
+            seed=settings.seed,
+            batch_cells=settings.batch_cells,
             device=args.device,
             progress=not args.quiet,
         )
@@ -361,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_gene2vec_text(args.out, genes, vectors)
     zero = int((~vectors.any(axis=1)).sum())
-    print(f"wrote {args.out}: {len(genes):,} genes x {args.dim} ({zero:,} zero vectors)")
+    print(f"wrote {args.out}: {len(genes):,} genes x {params.model.dim} ({zero:,} zero vectors)")
     return 0
 
 

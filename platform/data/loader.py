@@ -35,14 +35,9 @@ from typing import Any
 import numpy as np
 
 from scbert.tokens import APPENDED_TOKEN, bin_values
-from scbert_platform.data.ingest import (
-    MANIFEST,
-    PANEL_FILE,
-    ShardError,
-    file_sha256,
-    read_manifest,
-    reingest_hint,
-)
+from scbert_platform.data.errors import ShardError
+from scbert_platform.data.manifest import MANIFEST, PANEL_FILE, read_manifest, reingest_hint
+from scbert_platform.data.readers import file_sha256
 from scbert_platform.data.splits import CellSplit
 
 SHARD_GLOB = "part-*.parquet"

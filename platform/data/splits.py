@@ -14,18 +14,21 @@ the paper's protocols:
   cells in the test split stay there, as the novel cells to detect.
 
 Random fractions come from a seeded hash of the cell id, so a cell's role depends only on the
-seed and its own id: not on row order, shard layout or how many workers read the data.
+seed and its own id: not on row order, shard layout or how many workers read the data. The
+folds themselves are dealt at ingest (``assign_folds``), stratified by label, the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scbert_platform.data.errors import IngestError
 
 ROLES = ("train", "val", "test")
 
@@ -42,6 +45,31 @@ def unit_hash(ids: list[str], salt: str) -> np.ndarray:
         dtype=np.float64,
         count=len(ids),
     )
+
+
+def assign_folds(
+    cell_ids: Sequence[str], labels: Sequence[str | None] | None, n_folds: int, seed: int
+) -> np.ndarray:
+    """Stratified folds 0..n_folds-1 (int8): within each label, cells ordered by a seeded hash of
+    their id are dealt round-robin from a label-specific offset. Stable when re-run: a cell's
+    fold depends only on the seed, its id and the ids of its label's cells, not on row order."""
+    if n_folds < 2:
+        raise IngestError(f"data.n_folds must be >= 2, got {n_folds}")
+    labels = labels if labels is not None else [None] * len(cell_ids)
+    folds = np.empty(len(cell_ids), dtype=np.int8)
+    by_label: dict[str | None, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for label, members in by_label.items():
+        keys = [_hash64(f"{seed}\0{cell_ids[i]}") for i in members]
+        ordered = np.asarray(members)[np.argsort(np.asarray(keys, dtype=np.uint64), kind="stable")]
+        offset = _hash64(f"{seed}\0label\0{label}") % n_folds
+        folds[ordered] = (offset + np.arange(len(ordered))) % n_folds
+    return folds
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scbert_platform.data.ingest import h5ad_rows
 from scbert_platform.data.panel import Panel
 from scbert_platform.data.preprocess import (
     COUNT_RECOVERY_TOLERANCE,
@@ -55,7 +54,9 @@ from scbert_platform.data.preprocess import (
     read_expression,
     recover_counts,
 )
+from scbert_platform.data.readers import h5ad_rows
 from scbert_platform.infer.models import LoadedModel, ModelSource
+from scbert_platform.params import AnnotateParams, ParamsError
 
 __all__ = ["AnnotationError", "LoadedModel", "annotate", "embed"]
 
@@ -70,7 +71,7 @@ UNS = "scbert"
 NEIGHBORS = "scbert_neighbors"  # the embedding's neighbour graph (obsp scbert_neighbors_*)
 UMAP = "X_scbert_umap"  # the embedding's UMAP (plots)
 LEIDEN = "scbert_leiden"  # the embedding's clusters at the labels' count (plots)
-DEFAULT_CHUNK_CELLS = 1024
+ANNOTATE = AnnotateParams()  # annotate's and embed's defaults: the annotate params section
 # values above this are not log1p of normalised counts (e^30 - 1 is 1e13)
 MAX_LOG_VALUE = 30.0
 
@@ -127,7 +128,7 @@ def expression_input(
     layer: str | None = None,
     use_raw: bool | None = None,
     input: str = "auto",
-    gene_column: str | None = None,
+    gene_id_column: str | None = None,
 ) -> tuple[ExpressionInput, Any]:
     """The matrix to read (``layer``, ``.raw`` or ``.X``; ``use_raw=None`` picks ``.raw`` when
     ``.X`` holds negative, i.e. scaled, values and ``.raw`` exists) and its kind (``input``:
@@ -160,19 +161,19 @@ def expression_input(
 
         with h5py.File(adata.filename, "r") as f:
             location = "raw/X" if "raw/X" in f else "raw.X"
-    if gene_column:
-        if gene_column not in var.columns:
+    if gene_id_column:
+        if gene_id_column not in var.columns:
             raise AnnotationError(
-                f"var has no column {gene_column!r}; columns: {list(var.columns)}"
+                f"var has no column {gene_id_column!r}; columns: {list(var.columns)}"
             )
-        genes = var[gene_column].astype(str).tolist()
+        genes = var[gene_id_column].astype(str).tolist()
     else:
         genes = var.index.astype(str).tolist()
     duplicated = sorted(g for g, n in Counter(genes).items() if n > 1)
     if duplicated:
         raise AnnotationError(
             f"{len(duplicated)} duplicated gene names (first: {duplicated[:3]}): make them "
-            "unique (adata.var_names_make_unique()) or align by another var column (gene_column)"
+            "unique (adata.var_names_make_unique()) or align by another var column (gene_id_column)"
         )
     sample = _sample(matrix if matrix is not None else _matrix(adata, where), False)
     kind = _kind(sample, input, where)
@@ -318,13 +319,10 @@ def annotate_chunk(
 
 
 def embedding_kind(loaded: LoadedModel, requested: str) -> str:
-    """``auto`` -> ``classifier`` for a fine-tuned model, ``encoder`` otherwise."""
-    from scbert_platform.track.pyfunc import EMBEDDINGS
-
+    """``auto`` -> ``classifier`` for a fine-tuned model, ``encoder`` otherwise (``requested``:
+    one of ``params.EMBEDDINGS``, checked by ``AnnotateParams``)."""
     if requested == "auto":
         return "classifier" if loaded.classes else "encoder"
-    if requested not in EMBEDDINGS:
-        raise AnnotationError(f"embedding must be 'auto' or one of {EMBEDDINGS}, got {requested!r}")
     if requested == "classifier" and not loaded.classes:
         raise AnnotationError(
             "embedding='classifier' needs a fine-tuned model; a pretraining checkpoint "
@@ -343,18 +341,18 @@ def annotate(
     adata: Any,
     model: Any,
     *,
-    threshold: float = 0.5,
-    batch_size: int = 64,
+    threshold: float = ANNOTATE.threshold,
+    batch_size: int = ANNOTATE.batch_size,
     device: str = "auto",
-    embedding: str = "auto",
+    embedding: str = ANNOTATE.embedding,
     layer: str | None = None,
     use_raw: bool | None = None,
     input: str = "auto",
-    gene_column: str | None = None,
-    majority_vote: bool = False,
+    gene_id_column: str | None = None,
+    majority_vote: bool = ANNOTATE.majority_vote,
     over_clustering: str | None = None,
-    min_prop: float = 0.0,
-    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    min_prop: float = ANNOTATE.min_prop,
+    chunk_cells: int = ANNOTATE.chunk_cells,
     distributed: bool = False,
     workers: int | None = None,
     progress: bool = True,
@@ -368,14 +366,21 @@ def annotate(
     size per device: bench/RESULTS.md). ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``.
     ``distributed``: Ray Data ``map_batches`` over ``workers`` actors (default: one per GPU, or
     per two CPUs, of the Ray cluster; joins a running Ray, else starts a local one)."""
-    _check_options(threshold, batch_size, chunk_cells, min_prop)
+    _checked(
+        threshold=threshold,
+        batch_size=batch_size,
+        chunk_cells=chunk_cells,
+        embedding=embedding,
+        majority_vote=majority_vote,
+        min_prop=min_prop,
+    )
     loaded = LoadedModel.load(model, device=device)
     adata = adata.copy() if copy and not getattr(adata, "isbacked", False) else adata
     proba = _encode(
         adata,
         loaded,
         embedding,
-        {"layer": layer, "use_raw": use_raw, "input": input, "gene_column": gene_column},
+        {"layer": layer, "use_raw": use_raw, "input": input, "gene_id_column": gene_id_column},
         device=device,
         batch_size=batch_size,
         chunk_cells=chunk_cells,
@@ -393,26 +398,26 @@ def embed(
     adata: Any,
     model: Any,
     *,
-    batch_size: int = 64,
+    batch_size: int = ANNOTATE.batch_size,
     device: str = "auto",
-    embedding: str = "auto",
+    embedding: str = ANNOTATE.embedding,
     layer: str | None = None,
     use_raw: bool | None = None,
     input: str = "auto",
-    gene_column: str | None = None,
-    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    gene_id_column: str | None = None,
+    chunk_cells: int = ANNOTATE.chunk_cells,
     distributed: bool = False,
     workers: int | None = None,
     progress: bool = True,
 ) -> Any:
     """Cell embeddings only (``obsm['X_scbert']`` and ``uns['scbert']``); a pretraining
     checkpoint works too (its embedding is the encoder's). Returns ``adata``."""
-    _check_options(0.5, batch_size, chunk_cells, 0.0)
+    _checked(batch_size=batch_size, chunk_cells=chunk_cells, embedding=embedding)
     _encode(
         adata,
         LoadedModel.load(model, device=device, fine_tuned=False),
         embedding,
-        {"layer": layer, "use_raw": use_raw, "input": input, "gene_column": gene_column},
+        {"layer": layer, "use_raw": use_raw, "input": input, "gene_id_column": gene_id_column},
         device=device,
         batch_size=batch_size,
         chunk_cells=chunk_cells,
@@ -443,15 +448,12 @@ def _encode(
     return proba
 
 
-def _check_options(threshold: float, batch_size: int, chunk_cells: int, min_prop: float) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise AnnotationError(f"threshold is a probability in [0, 1], got {threshold}")
-    if batch_size < 1 or chunk_cells < 1:
-        raise AnnotationError(
-            f"batch_size and chunk_cells must be >= 1, got {batch_size} and {chunk_cells}"
-        )
-    if not 0.0 <= min_prop <= 1.0:
-        raise AnnotationError(f"min_prop is a fraction in [0, 1], got {min_prop}")
+def _checked(**options: Any) -> AnnotateParams:
+    """The options as the ``annotate`` params section, which checks them (an AnnotationError)."""
+    try:
+        return AnnotateParams(**options)
+    except ParamsError as err:
+        raise AnnotationError(str(err)) from None
 
 
 def _coverage(found: ExpressionInput, panel: Panel) -> dict[str, Any]:
@@ -461,7 +463,7 @@ def _coverage(found: ExpressionInput, panel: Panel) -> dict[str, Any]:
         raise AnnotationError(
             f"none of the {len(found.genes)} genes of {found.where} is in the model's panel of "
             f"{len(panel)} genes (it starts {', '.join(panel.genes[:3])}; symbols are matched "
-            "exactly: are these Ensembl ids? pass gene_column= naming the symbols' var column)"
+            "exactly: are these Ensembl ids? pass gene_id_column= naming the symbols' var column)"
         )
     coverage = matched / len(panel)
     if coverage < 0.5:

@@ -29,7 +29,6 @@ import numpy as np
 
 from scbert_platform.infer.annotation import (
     CELL_TYPE,
-    DEFAULT_CHUNK_CELLS,
     AnnotationError,
     chunk_ranges,
     chunk_tokens,
@@ -37,8 +36,9 @@ from scbert_platform.infer.annotation import (
     row_reader,
 )
 from scbert_platform.infer.models import LoadedModel
+from scbert_platform.params import ExplainParams, ParamsError
 
-RANKINGS = ("attention", "specificity")
+EXPLAIN = ExplainParams()  # explain's defaults: the explain params section
 
 
 @dataclass
@@ -65,16 +65,16 @@ def explain(
     model: Any,
     *,
     groupby: str | None = None,
-    top_n: int = 10,
-    rank_by: str = "attention",
-    min_cells: int = 5,
-    batch_size: int = 32,
+    top_n: int = EXPLAIN.top_n,
+    rank_by: str = EXPLAIN.rank_by,
+    min_cells: int = EXPLAIN.min_cells,
+    batch_size: int = EXPLAIN.batch_size,
     device: str = "auto",
     layer: str | None = None,
     use_raw: bool | None = None,
     input: str = "auto",
-    gene_column: str | None = None,
-    chunk_cells: int = DEFAULT_CHUNK_CELLS,
+    gene_id_column: str | None = None,
+    chunk_cells: int = EXPLAIN.chunk_cells,
     progress: bool = True,
 ) -> Explanation:
     """Attention per gene averaged by group (``groupby``: an obs column; default the predicted
@@ -85,10 +85,16 @@ def explain(
 
     from scbert_platform.console import progress as progress_bar
 
-    if rank_by not in RANKINGS:
-        raise AnnotationError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}")
-    if top_n < 1:
-        raise AnnotationError(f"top_n must be >= 1, got {top_n}")
+    try:  # the explain params section checks the options
+        ExplainParams(
+            top_n=top_n,
+            rank_by=rank_by,
+            min_cells=min_cells,
+            batch_size=batch_size,
+            chunk_cells=chunk_cells,
+        )
+    except ParamsError as err:
+        raise AnnotationError(str(err)) from None
     groupby = groupby or CELL_TYPE
     if groupby not in adata.obs:
         hint = " (run annotate first, or name a label column)" if groupby == CELL_TYPE else ""
@@ -99,7 +105,7 @@ def explain(
     codes, names = pd.factorize(groups.astype(str).where(groups.notna()), sort=True)
     loaded = LoadedModel.load(model, device=device, fine_tuned=False)
     found, matrix = expression_input(
-        adata, layer=layer, use_raw=use_raw, input=input, gene_column=gene_column
+        adata, layer=layer, use_raw=use_raw, input=input, gene_id_column=gene_id_column
     )
     panel = loaded.panel
     positions = panel.positions(list(found.genes))

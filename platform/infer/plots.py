@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from scbert.config import UNASSIGNED_THRESHOLD
 from scbert_platform.data.preprocess import Preprocessing, normalised_values
 from scbert_platform.infer.annotation import (
     CELL_TYPE,
@@ -260,7 +261,11 @@ def probability_figure(
     import matplotlib.pyplot as plt
 
     _need(adata, PROBABILITY)
-    threshold = threshold if threshold is not None else adata.uns.get(UNS, {}).get("threshold", 0.5)
+    threshold = (
+        threshold
+        if threshold is not None
+        else adata.uns.get(UNS, {}).get("threshold", UNASSIGNED_THRESHOLD)
+    )
     probability = adata.obs[PROBABILITY].to_numpy()
     bins = np.linspace(0, 1, 41)
     fig, ax = plt.subplots(figsize=(6.5, 4))

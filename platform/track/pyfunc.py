@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from scbert.model import CELL_EMBEDDINGS
-from scbert_platform.data.ingest import IngestError
+from scbert.config import CELL_EMBEDDINGS, UNASSIGNED_THRESHOLD
+from scbert_platform.data.errors import IngestError
 from scbert_platform.data.panel import Panel
 from scbert_platform.data.preprocess import (
     Preprocessing,
@@ -135,7 +135,7 @@ def cell_types(proba: np.ndarray, classes: list[str], threshold: float) -> list[
 class ScBertAnnotator:
     """An mlflow.pyfunc.PythonModel (subclassed at log time: importing this needs no MLflow)."""
 
-    threshold = 0.5
+    threshold = UNASSIGNED_THRESHOLD
 
     def load_context(self, context: Any) -> None:
         from scbert import load_pretrained
@@ -236,7 +236,7 @@ def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator")
             name=name,
             python_model=model,
             artifacts={CHECKPOINT: str(checkpoint)},
-            signature=infer_signature(example, output, params={"threshold": 0.5}),
+            signature=infer_signature(example, output, params={"threshold": UNASSIGNED_THRESHOLD}),
             input_example=example,
             code_paths=None,
             pip_requirements=model_requirements(),
@@ -260,8 +260,8 @@ def shard_counts(
     import pandas as pd
     import pyarrow.parquet as pq
 
-    from scbert_platform.data.ingest import read_manifest
     from scbert_platform.data.loader import shard_files
+    from scbert_platform.data.manifest import read_manifest
 
     # the shards' target_sum and log base (binning plays no part in inverting them)
     record = Preprocessing.from_manifest(read_manifest(shards), n_bins=1)

@@ -8,6 +8,7 @@ The loop itself is ``scbert_platform.train.loop.run_loop``; this module only con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -24,9 +25,8 @@ import numpy as np
 import torch
 
 from scbert import ScBert, load_pretrained, load_published, save_pretrained
-from scbert.atomic import copy_directory
+from scbert.atomic import atomic_file, copy_directory
 from scbert.config import CLS_ACTIVATIONS
-from scbert_platform.data.ingest import MANIFEST, read_manifest
 from scbert_platform.data.loader import (
     EpochCache,
     ShardInfo,
@@ -34,6 +34,7 @@ from scbert_platform.data.loader import (
     dense_batches,
     iter_local_batches,
 )
+from scbert_platform.data.manifest import MANIFEST, read_manifest
 from scbert_platform.data.preprocess import Preprocessing
 from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
@@ -68,6 +69,7 @@ CHECKPOINT_TAG = "scbert.checkpoint"  # on a run: the directory of its final (be
 
 CALIBRATION_FILE = "calibration.json"
 FAILURE_TAG = "scbert.failure"
+TEST_PREDICTIONS = "evaluation/test_predictions.npz"  # a fine-tuning run's test fold, in MLflow
 
 
 class TrainingError(RuntimeError):
@@ -107,61 +109,160 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
     return ScBert(config=cfg, gene2vec=gene2vec)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """The per-worker function of the TorchTrainer."""
-    import ray.train
-    import ray.train.torch
+WORKERS_DIR = "workers"  # in a run's directory: one file per worker process (rank, pid, node)
 
-    params = Params.from_dict(config["params"])
-    train = params.train
-    task = config["task"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    prepare_device(device, train.precision)
-    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
-    info = ShardInfo.read(config["shards"], digests=False)  # fit hashed them before starting
-    split = CellSplit.from_dict(config["split"])
-    model = _initial_model(config, info)
-    if task == "finetune":
-        set_trainable(model, "all" if config.get("from_scratch") else train.unfreeze)
-    model.to(device)
-    optimizer, scheduler = build_optimizer(model, train)
-    generator = torch.Generator(device=device).manual_seed(train.seed * 1009 + rank)
-    state = LoopState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer: set up (``Worker``), then ``run_loop``."""
+    Worker(config).run()
+
+
+class Worker:
+    """One Ray Train worker of a run: its model, optimiser and loop state, the batches it trains
+    and validates on, and what it reports (MLflow from rank 0, Ray Train checkpoints)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.config = config
+        self.params = Params.from_dict(config["params"])
+        self.train = train = self.params.train
+        self.task = config["task"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = device = ray.train.torch.get_device()
+        prepare_device(device, train.precision)
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+        torch.manual_seed(train.seed)  # the same on every rank: same init, same feature redraws
+        self.info = ShardInfo.read(config["shards"], digests=False)  # fit hashed them already
+        self.split = CellSplit.from_dict(config["split"])
+        self.model = _initial_model(config, self.info)
+        if self.task == "finetune":
+            set_trainable(self.model, "all" if config.get("from_scratch") else train.unfreeze)
+        self.model.to(device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, train)
+        self.generator = torch.Generator(device=device).manual_seed(train.seed * 1009 + self.rank)
+        self.state = LoopState()
+        self.best: dict[str, torch.Tensor] = {}
+        self.validation_cache: list[dict[str, Any]] = []
+        self.mlflow = _mlflow_client(config) if self.rank == 0 else None
+        self.shard = EpochCache(
+            ray.train.get_dataset_shard("train"), self.params.data.epoch_cache_mb * 2**20
+        )
+        self.criterion = self._class_loss() if self.task == "finetune" else None
+
+    def run(self) -> None:
+        """Restore the latest checkpoint (after a failure or a ``--resume``), then train."""
+        import ray.train
+        import ray.train.torch
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            self.restore(checkpoint)
+        self.record_process()
+        wrapped = ray.train.torch.prepare_model(self.model) if self.world > 1 else self.model
+        no_sync = getattr(wrapped, "no_sync", None)
+        if self.train.compile:
+            wrapped = CompiledWithFallback(wrapped)
+        hooks = LoopHooks(
+            report=self.report, validate=self.validate, no_sync=no_sync, is_chief=self.rank == 0
+        )
+        if self.rank == 0 and self.config.get("progress_board") is not None:
+            hooks.progress = _board_feed(self.config["progress_board"])
+        finetune = self.task == "finetune"
+        run_loop(
+            wrapped,
+            self.optimizer,
+            self.scheduler,
+            self.loss,
+            self.epochs,
+            params=self.train,
+            total_steps=self.config["total_steps"],
+            state=self.state,
+            hooks=hooks,
+            device=self.device,
+            early_stop_metric="val/macro_f1" if finetune else None,
+            on_best=self.keep_best if finetune else None,
+        )
+
+    def restore(self, checkpoint: Any) -> None:
         with checkpoint.as_directory() as directory:
             restored = load_pretrained(Path(directory) / MODEL_DIR).model
-            model.load_state_dict(restored.state_dict())
+            self.model.load_state_dict(restored.state_dict())
             saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
-            state = restore_training_state(saved, optimizer, scheduler, generator)
-        if rank == 0:
-            resumed = f"resumed from step {state.step} (epoch {state.epoch})"
+            self.state = restore_training_state(
+                saved, self.optimizer, self.scheduler, self.generator
+            )
+        if self.rank == 0:
+            resumed = f"resumed from step {self.state.step} (epoch {self.state.epoch})"
             print(resumed, file=sys.stderr)
-            if config.get("progress_board") is not None:
-                config["progress_board"].post.remote({"message": resumed})
-        if "pid_dir" in config:
-            Path(config["pid_dir"], f"rank{rank}.resumed").write_text(str(state.step))
-    wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
-    no_sync = getattr(wrapped, "no_sync", None)
-    if train.compile:
-        wrapped = CompiledWithFallback(wrapped)
+            if self.config.get("progress_board") is not None:
+                self.config["progress_board"].post.remote({"message": resumed})
 
-    mlflow = _mlflow_client(config) if rank == 0 else None
-    shard = EpochCache(ray.train.get_dataset_shard("train"), params.data.epoch_cache_mb * 2**20)
-    n_bins = params.model.n_bins
-    best: dict[str, torch.Tensor] = {}
+    def record_process(self) -> None:
+        """Where this worker runs, for whoever must find it (py-spy, a stuck run, the fault
+        tests): ``RUN/workers/rank<R>.json`` in a local run directory, rewritten at every (re)start
+        with the step it started from. A sweep's chief also notes its placement group, which the
+        sweep's driver frees if the trial is stopped."""
+        import os
 
-    def epochs(epoch: int) -> Any:
+        import ray
+
+        if self.rank == 0 and "pg_file" in self.config:
+            group = ray.util.get_current_placement_group()
+            if group is not None:
+                with open(self.config["pg_file"], "a") as out:
+                    out.write(group.id.hex() + "\n")
+        if not self.config.get("run_dir"):
+            return
+        record = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "started_at_step": self.state.step,
+        }
+        folder = Path(self.config["run_dir"], WORKERS_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(folder / f"rank{self.rank}.json") as tmp:
+            tmp.write_text(json.dumps(record) + "\n")
+
+    def _class_loss(self) -> ClassLoss:
+        train, labels = self.train, self.info.labels
+        counts = read_manifest(self.config["shards"])["labels"]["counts"]
+        return ClassLoss(
+            kind=train.loss,
+            class_weight=class_weights(counts, labels).to(self.device)
+            if train.class_weights
+            else None,
+            label_smoothing=train.label_smoothing,
+            counts=class_counts(counts, labels).to(self.device),
+            total_steps=self.config["total_steps"],
+        )
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+        if self.criterion is not None:
+            return finetune_loss(
+                model, batch, loss=self.criterion, step=self.state.step, device=self.device
+            )
+        return pretrain_loss(
+            model,
+            batch,
+            n_bins=self.params.model.n_bins,
+            generator=self.generator,
+            params=self.train,
+            device=self.device,
+        )
+
+    def epochs(self, epoch: int) -> Any:
+        train = self.train
         batches = dense_batches(
-            shard,
-            info.n_genes,
+            self.shard,
+            self.info.n_genes,
             batch_size=train.batch_size,
-            shuffle_buffer=params.data.shuffle_buffer,
+            shuffle_buffer=self.params.data.shuffle_buffer,
             seed=train.seed + epoch,
-            device=device,
+            device=self.device,
         )
         return with_timeout(
             batches,
@@ -171,132 +272,89 @@ def train_worker(config: dict[str, Any]) -> None:
             "(lower train.cpus_per_worker, or give the cluster more CPUs)",
         )
 
-    validation_cache: list[dict[str, Any]] = []
-
-    def validation_batches() -> Any:
+    def validation_batches(self) -> Any:
         """The validation cells, read once and kept when they are small (as the epochs)."""
-        if validation_cache:
-            return validation_cache
+        if self.validation_cache:
+            return self.validation_cache
         batches = iter_local_batches(
-            config["shards"], n_bins, split=split, role="val", batch_size=64, digests=False
+            self.config["shards"],
+            self.params.model.n_bins,
+            split=self.split,
+            role="val",
+            batch_size=64,
+            digests=False,
         )
         kept, size = [], 0
         for batch in batches:
             size += batch["tokens"].nbytes
-            if size > params.data.epoch_cache_mb * 2**20:
+            if size > self.params.data.epoch_cache_mb * 2**20:
                 return itertools.chain(kept, [batch], batches)
             kept.append(batch)
-        validation_cache.extend(kept)
-        return validation_cache
+        self.validation_cache.extend(kept)
+        return self.validation_cache
 
-    def validate() -> dict[str, float]:
+    def validate(self) -> dict[str, float]:
+        """Rank 0 validates; every rank gets its metrics (the same early-stopping decision)."""
         metrics: dict[str, float] = {}
-        if rank == 0:
-            if task == "finetune":
-                metrics, _ = evaluate_classifier(
-                    model,
-                    validation_batches(),
-                    info.labels,
-                    device=device,
-                    precision=train.precision,
-                )
-            else:
-                metrics = evaluate_pretraining(
-                    model,
-                    validation_batches(),
-                    n_bins=n_bins,
-                    seed=train.seed,
-                    device=device,
-                    precision=train.precision,
-                )
-        if world > 1:  # every rank takes the same early-stopping decision
+        precision = self.train.precision
+        if self.rank == 0 and self.task == "finetune":
+            metrics, _ = evaluate_classifier(
+                self.model,
+                self.validation_batches(),
+                self.info.labels,
+                device=self.device,
+                precision=precision,
+            )
+        elif self.rank == 0:
+            metrics = evaluate_pretraining(
+                self.model,
+                self.validation_batches(),
+                n_bins=self.params.model.n_bins,
+                seed=self.train.seed,
+                device=self.device,
+                precision=precision,
+            )
+        if self.world > 1:
             shared = [metrics]
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]
         return metrics
 
-    def keep_best() -> None:
-        best.clear()
-        best.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    def keep_best(self) -> None:
+        self.best.clear()
+        self.best.update({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
 
-    def report(metrics: dict[str, float], due: bool) -> None:
-        if mlflow is not None:
-            client, run_id = mlflow
-            stamp = int(time.time() * 1000)
+    def report(self, metrics: dict[str, float], due: bool) -> None:
+        """Metrics to MLflow (rank 0) and Ray Train; with ``due``, a checkpoint too (the kept
+        best weights once the run has finished)."""
+        import ray.train
+
+        if self.mlflow is not None:
             from mlflow.entities import Metric
 
+            client, run_id = self.mlflow
+            stamp, step = int(time.time() * 1000), self.state.step
             client.log_batch(
-                run_id,
-                metrics=[Metric(k, float(v), stamp, state.step) for k, v in metrics.items()],
+                run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()]
             )
         if not due:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
-            if rank == 0:
-                finished = state.step >= config["total_steps"] or state.stopped_early
-                weights = best if (finished and best) else None
+            if self.rank == 0:
+                state = self.state
+                finished = state.step >= self.config["total_steps"] or state.stopped_early
                 _write_checkpoint(
                     Path(tmp),
-                    model,
-                    weights,
-                    info,
-                    task,
-                    training_state(optimizer, scheduler, state, generator),
+                    self.model,
+                    self.best if (finished and self.best) else None,
+                    self.info,
+                    self.task,
+                    training_state(self.optimizer, self.scheduler, state, self.generator),
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)
-
-    if task == "finetune":
-        counts = read_manifest(config["shards"])["labels"]["counts"]
-        criterion = ClassLoss(
-            kind=train.loss,
-            class_weight=class_weights(counts, info.labels).to(device)
-            if train.class_weights
-            else None,
-            label_smoothing=train.label_smoothing,
-            counts=class_counts(counts, info.labels).to(device),
-            total_steps=config["total_steps"],
-        )
-
-        def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
-            return finetune_loss(m, batch, loss=criterion, step=state.step, device=device)
-
-    else:
-
-        def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> Any:
-            return pretrain_loss(
-                m, batch, n_bins=n_bins, generator=generator, params=train, device=device
-            )
-
-    if rank == 0 and "pg_file" in config:  # a sweep's driver frees it if the trial is stopped
-        group = ray.util.get_current_placement_group()
-        if group is not None:
-            with open(config["pg_file"], "a") as out:
-                out.write(group.id.hex() + "\n")
-    if "pid_dir" in config:  # fault and cluster tests find the worker processes here
-        import os
-
-        node = ray.get_runtime_context().get_node_id()
-        Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {node}")
-    hooks = LoopHooks(report=report, validate=validate, no_sync=no_sync, is_chief=rank == 0)
-    if rank == 0 and config.get("progress_board") is not None:
-        hooks.progress = _board_feed(config["progress_board"])
-    run_loop(
-        wrapped,
-        optimizer,
-        scheduler,
-        loss_fn,
-        epochs,
-        params=train,
-        total_steps=config["total_steps"],
-        state=state,
-        hooks=hooks,
-        device=device,
-        early_stop_metric="val/macro_f1" if task == "finetune" else None,
-        on_best=keep_best if task == "finetune" else None,
-    )
 
 
 def _write_checkpoint(
@@ -598,8 +656,7 @@ def fit(
     for attempt in range(retries + 1):
         tried, run_name = params, name
         if attempt:
-            tried = Params.from_dict(params.to_dict())
-            tried.train.seed = params.train.seed + 1000 * attempt
+            tried = params.replace({"train.seed": params.train.seed + 1000 * attempt})
             run_name = f"{name}-retry{attempt}"
             if options.get("resume"):  # a resumed study: this retry may not have started yet
                 storage = Path(params.train.storage_path)
@@ -616,6 +673,116 @@ def fit(
                 file=sys.stderr,
             )
     raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run will do, settled (and checked) before Ray or MLflow start anything."""
+
+    task: str
+    shards: Path
+    params: Params
+    info: ShardInfo
+    manifest: dict[str, Any]
+    split: CellSplit
+    n_cells: dict[str, int]
+    per_epoch: int
+    total_steps: int
+    run_name: str
+    storage_path: str
+    run_dir: Path | None  # None: remote storage (a pyarrow.fs URI)
+    init_from: str | None
+    from_scratch: bool
+
+    def worker_config(self, mlflow_run_id: str, report_to_tune: bool) -> dict[str, Any]:
+        """What ``train_worker`` gets (plain values: it travels to the Ray workers)."""
+        from scbert_platform.track.runs import tracking_uri
+
+        return {
+            "params": self.params.to_dict(),
+            "task": self.task,
+            "shards": str(self.shards),
+            "init_from": str(Path(self.init_from).resolve()) if self.init_from else None,
+            "from_scratch": self.from_scratch,
+            "total_steps": self.total_steps,
+            "split": self.split.to_dict(),
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri(),
+            "report_to_tune": report_to_tune,
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+        }
+
+
+def plan_run(
+    task: str,
+    shards: str | Path,
+    params: Params,
+    *,
+    init_from: str | None = None,
+    from_scratch: bool = False,
+    run_name: str | None = None,
+    resume: bool = False,
+    split: CellSplit | None = None,
+    hashed: bool = False,
+) -> RunPlan:
+    """Check the run against its shards and the cluster (Ray is started here if none runs) and
+    settle its split, length and directory; ``hashed``: a study's driver hashed the shards."""
+    if task not in ("pretrain", "finetune"):
+        raise ValueError(f"task must be pretrain or finetune, got {task!r}")
+    shards = Path(shards).resolve()
+    info = ShardInfo.read(shards, digests=not hashed)
+    manifest = read_manifest(shards)
+    check_params(params, int(manifest["folds"]["n_folds"]))
+    if params.model.gene2vec:  # the workers' working directory differs
+        model = dataclasses.replace(
+            params.model, gene2vec=str(Path(params.model.gene2vec).resolve())
+        )
+        params = dataclasses.replace(params, model=model)
+    if task == "finetune" and len(info.labels) < 2:
+        raise TrainingError(f"{shards} has no cell-type labels: ingest with --label-key")
+    if task == "finetune" and init_from:
+        check_init_from(init_from, info)
+    from scbert_platform.cluster import start_ray
+
+    check_resources(params.train, start_ray())
+    split = split or default_split(task, params)
+    n_cells = split.counts(shards)
+    if n_cells["train"] == 0 or n_cells["val"] == 0:
+        raise TrainingError(
+            f"the split ({split.describe()}) leaves {n_cells['train']} training and "
+            f"{n_cells['val']} validation cells in {shards}"
+        )
+    train = params.train
+    per_epoch = steps_per_epoch(n_cells["train"], train)
+    run_name = run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    remote = "://" in train.storage_path
+    storage = None if remote else Path(train.storage_path).resolve()
+    run_dir = storage / run_name if storage else None
+    if run_dir is not None:
+        exists = any(run_dir.glob("checkpoint_*"))
+        if exists and not resume:
+            raise TrainingError(
+                f"run {run_name} already exists in {storage}: continue it with --resume "
+                f"{run_name}, or choose another --run-name"
+            )
+        if resume and not exists:
+            raise TrainingError(f"no run {run_name} with a checkpoint in {storage} to resume")
+    return RunPlan(
+        task=task,
+        shards=shards,
+        params=params,
+        info=info,
+        manifest=manifest,
+        split=split,
+        n_cells=n_cells,
+        per_epoch=per_epoch,
+        total_steps=train.max_steps or per_epoch * train.epochs,
+        run_name=run_name,
+        storage_path=train.storage_path if remote else str(storage),
+        run_dir=run_dir,
+        init_from=init_from,
+        from_scratch=from_scratch,
+    )
 
 
 def _fit_once(
@@ -648,174 +815,154 @@ def _fit_once(
     """
     import mlflow
 
-    from scbert_platform.track.runs import (
-        MODEL_URI_TAG,
-        experiment_id,
-        source_tags,
-        system_info,
-        tracking_uri,
+    from scbert_platform.track.runs import experiment_id
+
+    plan = plan_run(
+        task,
+        shards,
+        params,
+        init_from=init_from,
+        from_scratch=from_scratch,
+        run_name=run_name,
+        resume=resume,
+        split=split,
+        hashed=report_to_tune,  # a study's trial: its driver hashed the shards (cv, sweep)
     )
-
-    if task not in ("pretrain", "finetune"):
-        raise ValueError(f"task must be pretrain or finetune, got {task!r}")
-    shards = Path(shards).resolve()
-    # a study's trial: its driver hashed the shards before starting the trials (cv, sweep)
-    info = ShardInfo.read(shards, digests=not report_to_tune)
-    manifest = read_manifest(shards)
-    train = params.train
-    check_params(params, int(manifest["folds"]["n_folds"]))
-    if params.model.gene2vec:
-        params.model.gene2vec = str(Path(params.model.gene2vec).resolve())  # workers' cwd differs
-    if task == "finetune" and len(info.labels) < 2:
-        raise TrainingError(f"{shards} has no cell-type labels: ingest with --label-key")
-    if task == "finetune" and init_from:
-        check_init_from(init_from, info)
-    from scbert_platform.cluster import start_ray
-
-    cluster_cpus = start_ray()
-
-    check_resources(train, cluster_cpus)
-
-    split = split or default_split(task, params)
-    n_cells = split.counts(shards)
-    if n_cells["train"] == 0 or n_cells["val"] == 0:
-        raise TrainingError(
-            f"the split ({split.describe()}) leaves {n_cells['train']} training and "
-            f"{n_cells['val']} validation cells in {shards}"
-        )
-    n_train = n_cells["train"]
-    per_epoch = steps_per_epoch(n_train, train)
-    total_steps = train.max_steps or per_epoch * train.epochs
-    run_name = run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(train.storage_path).resolve() if "://" not in train.storage_path else None
-    storage_path = str(storage) if storage else train.storage_path
-
-    run_dir = (storage / run_name) if storage else None
-    if run_dir is not None:
-        exists = any(run_dir.glob("checkpoint_*"))
-        if exists and not resume:
-            raise TrainingError(
-                f"run {run_name} already exists in {storage}: continue it with --resume "
-                f"{run_name}, or choose another --run-name"
-            )
-        if resume and not exists:
-            raise TrainingError(f"no run {run_name} with a checkpoint in {storage} to resume")
-    exp_id = experiment_id(experiment or f"scbert-{task}")
-    previous = run_dir / MLFLOW_RUN_FILE if run_dir else None
+    previous = plan.run_dir / MLFLOW_RUN_FILE if plan.run_dir else None
     run_id = previous.read_text().strip() if previous and previous.is_file() else None
     with mlflow.start_run(
         run_id=run_id,
-        experiment_id=None if run_id else exp_id,
-        run_name=None if run_id else run_name,
+        experiment_id=None if run_id else experiment_id(experiment or f"scbert-{task}"),
+        run_name=None if run_id else plan.run_name,
     ) as run:
-        if run_dir:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / MLFLOW_RUN_FILE).write_text(run.info.run_id)
+        if plan.run_dir:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            (plan.run_dir / MLFLOW_RUN_FILE).write_text(run.info.run_id)
         if run_id is None:
-            if parent_run_id:
-                mlflow.set_tag("mlflow.parentRunId", parent_run_id)
-            mlflow.set_tags(tags or {})
-            mlflow.log_params({k: v for k, v in params.flatten().items() if v is not None})
-            mlflow.log_params(
-                {
-                    "task": task,
-                    "init_from": init_from or "",
-                    "from_scratch": from_scratch,
-                    "total_steps": total_steps,
-                    "shards": str(shards),
-                    "split": split.describe(),
-                    **{f"cells.{role}": n for role, n in n_cells.items()},
-                }
-            )
-            mlflow.log_dict(split.to_dict(), "split.json")
-            mlflow.set_tags(source_tags(shards / MANIFEST) | {"scbert.task": task})
-            mlflow.log_dict(params.to_dict(), "params.yaml")
-            mlflow.log_dict(system_info(), "system.json")
-            mlflow.log_artifact(str(shards / MANIFEST), "data")
-        config = {
-            "params": params.to_dict(),
-            "task": task,
-            "shards": str(shards),
-            "init_from": str(Path(init_from).resolve()) if init_from else None,
-            "from_scratch": from_scratch,
-            "total_steps": total_steps,
-            "split": split.to_dict(),
-            "mlflow_run_id": run.info.run_id,
-            "tracking_uri": tracking_uri(),
-            "report_to_tune": report_to_tune,
-            **(extra_config or {}),
-        }
+            _log_run_context(plan, parent_run_id, tags)
+        config = plan.worker_config(run.info.run_id, report_to_tune) | (extra_config or {})
         if not report_to_tune:  # a Tune trial's fit runs in an actor: the study shows trials
             print(
-                f"{task}: {n_train} training cells, {per_epoch} optimiser steps per epoch, "
-                f"{total_steps} steps on {train.workers} worker(s); run {run_name}, MLflow run "
-                f"{run.info.run_id}",
+                f"{task}: {plan.n_cells['train']} training cells, {plan.per_epoch} optimiser "
+                f"steps per epoch, {plan.total_steps} steps on {plan.params.train.workers} "
+                f"worker(s); run {plan.run_name}, MLflow run {run.info.run_id}",
                 file=sys.stderr,
             )
-        with (
-            contextlib.nullcontext() if report_to_tune else step_progress(task, total_steps)
-        ) as board:
-            config["progress_board"] = board
-            try:
-                result = _trainer(config, train, run_name, storage_path, worker_resources).fit()
-            except Exception as err:  # Ray Train raises the workers' errors wrapped in its own
-                if "NonFiniteLoss" not in str(err):
-                    raise
-                reason = next(
-                    (line.split("NonFiniteLoss: ", 1)[1] for line in str(err).splitlines()
-                     if "NonFiniteLoss: " in line),
-                    "the training loss is not finite",
-                )  # fmt: skip
-                mlflow.set_tag(FAILURE_TAG, f"collapsed: {reason}")
-                raise CollapsedRun(f"run {run_name} collapsed: {reason}") from None
-        if result.checkpoint is None:
-            raise TrainingError(f"run {run_name} ended without a checkpoint: {result.error}")
-        # the final model beside the run's checkpoints (a local temporary copy for remote storage)
-        final = run_dir if run_dir else Path(tempfile.mkdtemp(prefix="scbert-final-"))
-        with result.checkpoint.as_directory() as directory:
-            copy_directory(Path(directory) / MODEL_DIR, final / MODEL_DIR, kind="checkpoint")
-            saved = torch.load(Path(directory) / STATE_FILE, weights_only=True)
-        metrics = dict(result.metrics or {})
-        if task == "finetune" and saved["loop"]["best_step"] >= 0:  # the step that was kept
-            chosen = {
-                "val/best_macro_f1": saved["loop"]["best_metric"],
-                "val/best_step": float(saved["loop"]["best_step"]),
-            }
-            mlflow.log_metrics(chosen)
-            metrics |= chosen
-        if task == "finetune":
-            try:
-                checked = calibrate_and_check(final / MODEL_DIR, shards, split, params)
-            except CollapsedRun as err:
-                mlflow.set_tag(FAILURE_TAG, f"collapsed: {err}")
-                raise CollapsedRun(f"run {run_name} collapsed: {err}") from None
-            mlflow.log_metrics(checked)
-            metrics |= checked
-        # beside the weights (after calibration, whose save replaces the directory): how the
-        # training cells were preprocessed, read by every inference path
-        saved_config = json.loads((final / MODEL_DIR / "config.json").read_text())["config"]
-        record = Preprocessing.from_manifest(manifest, n_bins=int(saved_config["n_bins"]))
-        record.write(final / MODEL_DIR)
-        mlflow.set_tags(record.tags())
-        if task == "finetune" and split.has_test:
-            metrics |= _log_test_evaluation(final / MODEL_DIR, shards, split, params)
-        mlflow.log_artifacts(str(final / MODEL_DIR), "model")
-        mlflow.set_tag(CHECKPOINT_TAG, str(final / MODEL_DIR))
-        model_uri = None
-        if task == "finetune":
-            from scbert_platform.track.pyfunc import example_counts, log_pyfunc
+        result = _run_trainer(plan, config, worker_resources, report_to_tune)
+        return _finish_run(plan, result, run.info.run_id)
 
-            model_uri = log_pyfunc(final / MODEL_DIR, example_counts(shards, info.panel))
-            mlflow.set_tag(MODEL_URI_TAG, model_uri)
-        mlflow.log_metric("steps", saved["loop"]["step"])
-        return TrainResult(
-            run_name,
-            run.info.run_id,
-            str(final / MODEL_DIR),
-            metrics,
-            saved["loop"]["step"],
-            model_uri,
+
+def _log_run_context(plan: RunPlan, parent_run_id: str | None, tags: dict[str, str] | None) -> None:
+    """A new MLflow run's params, tags and context: what it trains on, how, and where."""
+    import mlflow
+
+    from scbert_platform.track.runs import source_tags, system_info
+
+    if parent_run_id:
+        mlflow.set_tag("mlflow.parentRunId", parent_run_id)
+    mlflow.set_tags(tags or {})
+    mlflow.log_params({k: v for k, v in plan.params.flatten().items() if v is not None})
+    mlflow.log_params(
+        {
+            "task": plan.task,
+            "init_from": plan.init_from or "",
+            "from_scratch": plan.from_scratch,
+            "total_steps": plan.total_steps,
+            "shards": str(plan.shards),
+            "split": plan.split.describe(),
+            **{f"cells.{role}": n for role, n in plan.n_cells.items()},
+        }
+    )
+    mlflow.log_dict(plan.split.to_dict(), "split.json")
+    mlflow.set_tags(source_tags(plan.shards / MANIFEST) | {"scbert.task": plan.task})
+    mlflow.log_dict(plan.params.to_dict(), "params.yaml")
+    mlflow.log_dict(system_info(), "system.json")
+    mlflow.log_artifact(str(plan.shards / MANIFEST), "data")
+
+
+def _run_trainer(
+    plan: RunPlan,
+    config: dict[str, Any],
+    worker_resources: dict[str, float] | None,
+    report_to_tune: bool,
+) -> Any:
+    """The TorchTrainer's ``fit`` under the driver's progress bar. A loss that stopped being
+    finite fails the run as ``CollapsedRun`` (tagged in MLflow)."""
+    import mlflow
+
+    progress = (
+        contextlib.nullcontext() if report_to_tune else step_progress(plan.task, plan.total_steps)
+    )
+    with progress as board:
+        config["progress_board"] = board
+        trainer = _trainer(
+            config, plan.params.train, plan.run_name, plan.storage_path, worker_resources
         )
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray Train raises the workers' errors wrapped in its own
+            if "NonFiniteLoss" not in str(err):
+                raise
+            reason = next(
+                (line.split("NonFiniteLoss: ", 1)[1] for line in str(err).splitlines()
+                 if "NonFiniteLoss: " in line),
+                "the training loss is not finite",
+            )  # fmt: skip
+            mlflow.set_tag(FAILURE_TAG, f"collapsed: {reason}")
+            raise CollapsedRun(f"run {plan.run_name} collapsed: {reason}") from None
+    if result.checkpoint is None:
+        raise TrainingError(f"run {plan.run_name} ended without a checkpoint: {result.error}")
+    return result
+
+
+def _finish_run(plan: RunPlan, result: Any, run_id: str) -> TrainResult:
+    """The final model beside the run's checkpoints (a local temporary copy for remote
+    storage): fine-tuning's collapse check and calibration, the preprocessing record, the test
+    evaluation, and the model logged to MLflow (with the pyfunc of a fine-tuned model)."""
+    import mlflow
+
+    from scbert_platform.track.runs import MODEL_URI_TAG
+
+    final = plan.run_dir if plan.run_dir else Path(tempfile.mkdtemp(prefix="scbert-final-"))
+    model_dir = final / MODEL_DIR
+    with result.checkpoint.as_directory() as directory:
+        copy_directory(Path(directory) / MODEL_DIR, model_dir, kind="checkpoint")
+        loop = torch.load(Path(directory) / STATE_FILE, weights_only=True)["loop"]
+    metrics = dict(result.metrics or {})
+    finetune = plan.task == "finetune"
+    if finetune and loop["best_step"] >= 0:  # the step that was kept
+        chosen = {
+            "val/best_macro_f1": loop["best_metric"],
+            "val/best_step": float(loop["best_step"]),
+        }
+        mlflow.log_metrics(chosen)
+        metrics |= chosen
+    if finetune:
+        try:
+            checked = calibrate_and_check(model_dir, plan.shards, plan.split, plan.params)
+        except CollapsedRun as err:
+            mlflow.set_tag(FAILURE_TAG, f"collapsed: {err}")
+            raise CollapsedRun(f"run {plan.run_name} collapsed: {err}") from None
+        mlflow.log_metrics(checked)
+        metrics |= checked
+    # beside the weights (after calibration, whose save replaces the directory): how the
+    # training cells were preprocessed, read by every inference path
+    saved_config = json.loads((model_dir / "config.json").read_text())["config"]
+    record = Preprocessing.from_manifest(plan.manifest, n_bins=int(saved_config["n_bins"]))
+    record.write(model_dir)
+    mlflow.set_tags(record.tags())
+    if finetune and plan.split.has_test:
+        metrics |= _log_test_evaluation(model_dir, plan.shards, plan.split, plan.params)
+    mlflow.log_artifacts(str(model_dir), "model")
+    mlflow.set_tag(CHECKPOINT_TAG, str(model_dir))
+    model_uri = None
+    if finetune:
+        from scbert_platform.track.pyfunc import example_counts, log_pyfunc
+
+        model_uri = log_pyfunc(model_dir, example_counts(plan.shards, plan.info.panel))
+        mlflow.set_tag(MODEL_URI_TAG, model_uri)
+    mlflow.log_metric("steps", loop["step"])
+    return TrainResult(plan.run_name, run_id, str(model_dir), metrics, loop["step"], model_uri)
 
 
 def calibrate_and_check(
@@ -827,7 +974,6 @@ def calibrate_and_check(
     fitted on the validation cells and folded into the head's last layer (logits / T, so every
     inference path applies it) and recorded in ``calibration.json`` beside the weights.
     Returns the validation ECE before and after, and the temperature."""
-    from scbert.atomic import atomic_file
     from scbert_platform.train.loop import fit_temperature, predict
     from scbert_platform.train.metrics import expected_calibration_error
 
@@ -882,23 +1028,34 @@ def read_calibration(model_dir: str | Path) -> dict[str, Any] | None:
 def _log_test_evaluation(
     model_dir: Path, shards: Path, split: CellSplit, params: Params
 ) -> dict[str, float]:
-    """Evaluate the chosen checkpoint on the test fold (never the split that chose it)."""
+    """Evaluate the chosen checkpoint on the test fold (never the split that chose it). The
+    predictions are logged too (``TEST_PREDICTIONS``: true ids, probabilities), which is what
+    ``scbert cv`` aggregates over its folds."""
     import mlflow
 
-    from scbert_platform.train.metrics import confusion_matrix_png, report_markdown
+    from scbert_platform.train.loop import predict
+    from scbert_platform.train.metrics import (
+        classification_report,
+        confusion_matrix_png,
+        report_markdown,
+    )
 
     bundle = load_pretrained(model_dir)
     assert bundle.labels is not None
     batches = iter_local_batches(
         shards, params.model.n_bins, split=split, role="test", batch_size=64
     )
-    flat, report = evaluate_classifier(
-        bundle.model, batches, bundle.labels, device=torch.device("cpu"), prefix="test"
-    )
+    y_true, proba = predict(bundle.model, batches, device=torch.device("cpu"))
+    known = y_true >= 0
+    report = classification_report(y_true[known], proba[known].argmax(-1), bundle.labels)
+    flat = {"test/accuracy": report["accuracy"], "test/macro_f1": report["macro_f1"]}
     mlflow.log_metrics(flat)
     for label, scores in report["per_class"].items():
         mlflow.log_metric(f"test/f1/{metric_name(label)}", scores["f1"])
     with tempfile.TemporaryDirectory() as tmp:
+        predictions = Path(tmp) / Path(TEST_PREDICTIONS).name
+        np.savez(predictions, y_true=y_true, proba=proba)
+        mlflow.log_artifact(str(predictions), str(Path(TEST_PREDICTIONS).parent))
         png = Path(tmp) / "confusion_matrix.png"
         confusion_matrix_png(
             report["confusion_matrix"], bundle.labels, png, title=_test_title(split)
@@ -918,6 +1075,18 @@ def _log_test_evaluation(
             file=sys.stderr,
         )
     return flat
+
+
+def read_test_predictions(run_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """A fine-tuning run's test-fold predictions: (true label ids, probabilities)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=TEST_PREDICTIONS, dst_path=tmp
+        )
+        with np.load(path) as saved:
+            return saved["y_true"], saved["proba"]
 
 
 def _test_title(split: CellSplit) -> str:

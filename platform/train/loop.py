@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from scbert import IGNORE_INDEX, ScBert, ScBertConfig, mask_tokens
-from scbert_platform.params import ModelParams, TrainParams
+from scbert_platform.params import LOSSES as LOSSES  # train.loss's names (checked by TrainParams)
+from scbert_platform.params import ModelParams, TrainParams, unfrozen_blocks
 from scbert_platform.train.schedule import make_scheduler
 
 Batch = dict[str, Any]
@@ -39,19 +40,8 @@ def model_config(
     model: ModelParams, *, n_genes: int, n_classes: int | None, gene2vec: bool, checkpointing: bool
 ) -> ScBertConfig:
     """ScBertConfig from the ``model`` params section and the data's panel size."""
-    extra = {} if model.nb_features is None else {"nb_features": model.nb_features}
-    return ScBertConfig(
-        n_genes=n_genes,
-        n_bins=model.n_bins,
-        dim=model.dim,
-        depth=model.depth,
-        heads=model.heads,
-        dim_head=model.dim_head,
-        n_classes=n_classes,
-        cls_activation=model.head_activation,
-        gene_embedding="gene2vec" if gene2vec else "learned",
-        activation_checkpointing=checkpointing,
-        **extra,  # type: ignore[arg-type]
+    return model.config(
+        n_genes=n_genes, n_classes=n_classes, gene2vec=gene2vec, checkpointing=checkpointing
     )
 
 
@@ -61,14 +51,7 @@ def set_trainable(model: ScBert, unfreeze: str) -> list[str]:
     docs/model.md). ``all``: everything. ``last_k:N``: the last N blocks, norm and head.
     Returns the names of the trainable parameters."""
     n_blocks = len(model.encoder.blocks)
-    if unfreeze == "all":
-        first_trained = 0
-    elif unfreeze == "published":
-        first_trained = n_blocks - 1
-    elif unfreeze.startswith("last_k:") and unfreeze[7:].isdigit():
-        first_trained = n_blocks - min(int(unfreeze[7:]), n_blocks)
-    else:
-        raise ValueError(f"train.unfreeze must be published, all or last_k:N, got {unfreeze!r}")
+    first_trained = n_blocks - unfrozen_blocks(unfreeze, n_blocks)
     trained_prefixes = ["norm.", "head."]
     trained_prefixes += [f"encoder.blocks.{i}." for i in range(first_trained, n_blocks)]
     if unfreeze == "all":
@@ -82,9 +65,8 @@ def set_trainable(model: ScBert, unfreeze: str) -> list[str]:
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on GPU by default (``auto``), or when asked for; fp32 otherwise."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+    """bf16 autocast on GPU by default (``auto``), or when asked for (``train.precision``,
+    checked by ``TrainParams``); fp32 otherwise."""
     enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -169,9 +151,6 @@ def pretrain_loss(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
     )
     return loss, {"cells": tokens.shape[0]}
-
-
-LOSSES = ("ce", "focal", "ldam_drw")
 
 
 @dataclass(frozen=True)

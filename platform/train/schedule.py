@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-SCHEDULE_KINDS = ("cosine_restarts", "constant", "linear_warmup")
+from scbert_platform.params import SCHEDULES
 
 # The published CosineAnnealingWarmupRestarts arguments (pretrain.py, finetune.py).
 PUBLISHED_MAX_LR = 1e-4
@@ -172,9 +172,7 @@ def _schedule(
             gamma=gamma,
         )
     else:
-        raise ValueError(
-            f"unknown schedule kind {kind!r}; expected one of {', '.join(SCHEDULE_KINDS)}"
-        )
+        raise ValueError(f"unknown schedule kind {kind!r}; expected one of {', '.join(SCHEDULES)}")
     lr_of_step(0)  # validates the arguments now, not at the first scheduler step
     return lr_of_step
 
