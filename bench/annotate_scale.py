@@ -33,7 +33,7 @@ def build_model(directory: Path, genes: list[str], n_types: int) -> None:
         ScBert(config=config).eval(),
         directory,
         panel=genes,
-        labels=[f"type{i}" for i in range(n_types)],
+        classes=[f"type{i}" for i in range(n_types)],
     )
 
 

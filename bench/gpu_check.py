@@ -223,7 +223,7 @@ def write_random_model(
         gene2vec = torch.randn(config.n_genes, config.dim, generator=generator)
     torch.manual_seed(0)
     model = ScBert(config=config, gene2vec=gene2vec).eval()
-    save_pretrained(model, directory, panel=genes, labels=labels, overwrite=True)
+    save_pretrained(model, directory, panel=genes, classes=labels, overwrite=True)
 
 
 def write_gene2vec(path: Path, n_genes: int) -> None:

@@ -33,9 +33,7 @@ def child(work: Path, runs: int) -> list[float]:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlruns.db"
     shards = work / "cells"
-    data = DataParams(
-        use_raw=True, input_normalized=True, label_key="bulk_labels", panel_min_cells=1
-    )
+    data = DataParams(use_raw=True, input="log1p", label_key="bulk_labels", panel_min_cells=1)
     ingest(bundled_path("pbmc68k_reduced"), shards, data, executor="local", log=lambda _: None)
     start_ray(num_cpus=2)
     model = ModelParams(

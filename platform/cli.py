@@ -17,21 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from scbert.config import UNASSIGNED_THRESHOLD
-from scbert_platform.params import EMBEDDINGS, RANKINGS, Params, ParamsError
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: params.yaml if present)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one parameter (repeatable)",
-    )
+from scbert_platform.params import (
+    EMBEDDINGS,
+    INPUTS,
+    RANKINGS,
+    Params,
+    ParamsError,
+    add_params_arguments,
+)
 
 
 def _params(
@@ -55,7 +48,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "data.layer": args.layer,
             "data.gene_id_column": args.gene_id_column,
             "data.use_raw": True if args.use_raw else None,
-            "data.input_normalized": True if args.input_normalized else None,
+            "data.input": args.data_input,
             "data.make_unique": True if args.make_unique else None,
         },
     )
@@ -506,7 +499,7 @@ def _model_flags(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--input",
-        choices=["auto", "counts", "log1p"],
+        choices=["auto", *INPUTS],
         default="auto",
         help="raw counts or log1p of normalised counts (auto: integers are counts)",
     )
@@ -599,16 +592,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(data.gene_id_column)",
     )
     ingest.add_argument(
-        "--input-normalized",
-        action="store_true",
-        help="values are log1p of normalised counts (inverted first)",
+        "--input",
+        dest="data_input",  # not `input`: the positional input file has that name
+        choices=INPUTS,
+        help="what the values are: raw counts, or log1p of normalised counts, inverted first "
+        "(data.input)",
     )
     ingest.add_argument(
         "--make-unique", action="store_true", help="suffix duplicated gene symbols / cell ids"
     )
     ingest.add_argument("--executor", choices=["auto", "ray", "local"], default="auto")
     ingest.add_argument("--metrics", help="also write a small metrics JSON (for DVC)")
-    _common(ingest)
+    add_params_arguments(ingest)
     ingest.set_defaults(run=cmd_ingest)
 
     for verb, text in (
@@ -633,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="no pretrained weights, everything trained (the paper's ablation)",
             )
-        _common(sub)
+        add_params_arguments(sub)
         sub.set_defaults(run=cmd_train)
 
     cv = verbs.add_parser(
@@ -682,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-scbert", action="store_true", help="run only the --baseline models (seconds)"
     )
     _study_flags(cv)
-    _common(cv)
+    add_params_arguments(cv)
     cv.set_defaults(run=cmd_cv)
 
     sw = verbs.add_parser(
@@ -694,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--num-samples", type=int, help="samples (grid: repeats of the grid)")
     sw.add_argument("--scheduler", choices=["asha", "fifo"], help="ASHA early stopping or none")
     _study_flags(sw)
-    _common(sw)
+    add_params_arguments(sw)
     sw.set_defaults(run=cmd_sweep)
 
     reg = verbs.add_parser("register", help="register a fine-tuning run's model (challenger)")
@@ -706,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("name", help="registered model name, e.g. scbert-pbmc68k")
     pro.add_argument("--force", metavar="REASON", help="skip the gate (the reason is recorded)")
     pro.add_argument("--rollback", action="store_true", help="restore the previous champion")
-    _common(pro)
+    add_params_arguments(pro)
     pro.set_defaults(run=cmd_promote)
 
     srv = verbs.add_parser(
@@ -727,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="deploy and exit (with --address: the app keeps running on that cluster)",
     )
-    _common(srv)
+    add_params_arguments(srv)
     srv.set_defaults(run=cmd_serve)
 
     for verb, text in (
@@ -786,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             sub.add_argument("--npy", help="also save the embeddings as a .npy array")
-        _common(sub)
+        add_params_arguments(sub)
         sub.set_defaults(run=cmd_annotate)
 
     exp = verbs.add_parser(
@@ -806,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(explain.rank_by)",
     )
     exp.add_argument("--min-cells", type=int, help="skip smaller groups (explain.min_cells)")
-    _common(exp)
+    add_params_arguments(exp)
     exp.set_defaults(run=cmd_explain)
 
     fetch = verbs.add_parser(

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,35 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.tracked:
+        missing = [report for report in args.tracked if not tracked(Path(report))]
+        for report in missing:
+            print(f"{report}: its MLflow run is not in this machine's tracking store")
+        raise SystemExit(1 if missing else 0)
+    keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
+    from scbert_platform.console import header, quiet_libraries
+
+    quiet_libraries()
+    header("scBERT at paper size (random weights)")
+    paper_size_forward(n_cells=args.cells, n_classes=args.classes)
+    summary: list[str] = []
+    if args.cells_dir:
+        summary.append(dataset_line(Path(args.cells_dir)))
+    if args.cells_dir and args.model:
+        header("the pipeline's fine-tuned model on real test-fold cells")
+        run_on_shards(args.cells_dir, args.model, n_cells=max(args.cells, 8))
+    if args.sweep_report:
+        header(f"sweep ({args.sweep_report})")
+        print(Path(args.sweep_report).read_text().rstrip())
+    if args.cv_report:
+        summary += _registry_and_endpoint(args)
+    if summary:
+        print_summary(summary)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (``make demo`` calls it twice: ``--tracked``, then the demo)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cells", type=int, default=2, help="cells in the forward pass")
     parser.add_argument("--classes", type=int, default=10, help="cell types of the classifier head")
@@ -67,18 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         help="only check that each report's MLflow run is in this machine's tracking store "
         "(exit 1 if not: the stage that wrote it must run again here)",
     )
-    args = parser.parse_args(argv)
-    if args.tracked:
-        missing = [report for report in args.tracked if not tracked(Path(report))]
-        for report in missing:
-            print(f"{report}: its MLflow run is not in this machine's tracking store")
-        raise SystemExit(1 if missing else 0)
-    keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
-    from scbert_platform.console import header, quiet_libraries
+    return parser
 
-    quiet_libraries()
-    header("scBERT at paper size (random weights)")
-    model = build_paper_model(n_classes=args.classes).eval()
+
+def paper_size_forward(*, n_cells: int, n_classes: int) -> None:
+    """scBERT at the paper's sizes: its configuration and parameter count, and one forward pass
+    of ``n_cells`` random cells, timed."""
+    model = build_paper_model(n_classes=n_classes).eval()
     trainable, encoder = count_parameters(model)
     c = model.config
     print(
@@ -86,43 +111,38 @@ def main(argv: list[str] | None = None) -> None:
         f"depth={c.depth}, heads={c.heads}, dim_head={c.dim_head}, nb_features={c.nb_features}"
     )
     print(f"trainable parameters: {trainable:,} (encoder {encoder:,}; paper: about 5.0 M encoder)")
-    tokens = random_cells(args.cells, c.n_genes)
+    tokens = random_cells(n_cells, c.n_genes)
     start = time.perf_counter()
     with torch.inference_mode():
         logits = model(tokens)
     elapsed = time.perf_counter() - start
     print(f"input tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)} in {elapsed:.1f} s")
-    summary: list[str] = []
-    if args.cells_dir:
-        summary.append(dataset_line(Path(args.cells_dir)))
-    if args.cells_dir and args.model:
-        header("the pipeline's fine-tuned model on real test-fold cells")
-        run_on_shards(args.cells_dir, args.model, n_cells=max(args.cells, 8))
-    if args.sweep_report:
-        header(f"sweep ({args.sweep_report})")
-        print(Path(args.sweep_report).read_text().rstrip())
-    if args.cv_report:
-        header("registry: the CV run's model, registered and put to the promotion gate")
-        name, decision, has_champion = register_and_promote(Path(args.cv_report))
-        summary += [
-            f"5-fold CV on the same folds ({Path(args.cv_report).with_suffix('.md')}):",
-            *cv_table(Path(args.cv_report)),
-            decision,
-        ]
-        if args.serve and args.cells_dir and not has_champion:
-            nothing = (
-                f"endpoint: not served, {name} has no champion (the gate refused the CV model; "
-                f'scbert promote {name} --force "REASON" serves it anyway)'
-            )
-            print(nothing)
-            summary.append(nothing)
-        elif args.serve and args.cells_dir:
-            header(f"serving {name}@champion over HTTP with Ray Serve on 127.0.0.1")
-            summary.append(
-                serve_and_annotate(args.cells_dir, name, Path(args.cv_report), args.params)
-            )
-    if summary:
-        print_summary(summary)
+
+
+def _registry_and_endpoint(args: argparse.Namespace) -> list[str]:
+    """The CV run's model registered and put to the gate, then (``--serve``) the champion served
+    and annotating the ``--cells-dir`` cells; returns the summary's lines."""
+    from scbert_platform.console import header
+
+    header("registry: the CV run's model, registered and put to the promotion gate")
+    cv_report = Path(args.cv_report)
+    name, decision, has_champion = register_and_promote(cv_report)
+    lines = [
+        f"5-fold CV on the same folds ({cv_report.with_suffix('.md')}):",
+        *cv_table(cv_report),
+        decision,
+    ]
+    if args.serve and args.cells_dir and not has_champion:
+        nothing = (
+            f"endpoint: not served, {name} has no champion (the gate refused the CV model; "
+            f'scbert promote {name} --force "REASON" serves it anyway)'
+        )
+        print(nothing)
+        lines.append(nothing)
+    elif args.serve and args.cells_dir:
+        header(f"serving {name}@champion over HTTP with Ray Serve on 127.0.0.1")
+        lines.append(serve_and_annotate(args.cells_dir, name, cv_report, args.params))
+    return lines
 
 
 def dataset_line(cells_dir: Path) -> str:
@@ -173,7 +193,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
 
     info = ShardInfo.read(directory)
     bundle = load_pretrained(model_dir)
-    assert bundle.labels is not None, f"{model_dir} is not a fine-tuned checkpoint"
+    assert bundle.classes is not None, f"{model_dir} is not a fine-tuned checkpoint"
     model = bundle.model.eval()
     tokens, labels = [], []
     for batch in iter_local_batches(directory, model.config.n_bins, folds=[fold], batch_size=64):
@@ -183,7 +203,7 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
             break
     with torch.inference_mode():
         proba = model.predict_proba(torch.cat(tokens)[:n_cells])
-    predicted = assign_cell_types(proba, bundle.labels)  # the paper's threshold, 0.5
+    predicted = assign_cell_types(proba, bundle.classes)  # the paper's threshold, 0.5
     truth = [info.labels[i] for i in labels[:n_cells]]
     c = model.config
     print(
@@ -257,7 +277,6 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     from scbert_platform.track.runs import registry_client
     from scbert_serve.app import TOKEN_ENV, metrics_port, resolve_model, run, stop
     from scbert_serve.client import Client
-    from scbert_serve.schema import sparse_cells
 
     champion = {"serve.model": f"models:/{name}@champion"}
     params = Params.load(params_file).replace(champion).serve
@@ -273,39 +292,72 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
     )
     client = Client(url, token=os.environ.get(TOKEN_ENV))  # retries a lost replica's 503
     counts, obs = shard_counts(cells_dir, ShardInfo.read(cells_dir).panel)
+    try:
+        replies = _annotate_over_http(client, counts)
+    finally:
+        stop()
+    answer = _endpoint_accuracy(replies, obs, source.version, params.threshold, held_out)
+    print(f"  (Prometheus metrics were at {prometheus})")
+    return answer
+
+
+@dataclass
+class _HttpAnswers:
+    """What the endpoint answered for the cells, request by request."""
+
+    predicted: list[str]  # cell types (Unassigned below the threshold)
+    top1: list[str]  # the most probable type of each cell
+    elapsed: float  # seconds, from GET /v1/model to the last answer
+    coverage: dict[str, Any]  # the last answer's panel coverage
+    requests: int
+
+
+def _annotate_over_http(client: Any, counts: Any) -> _HttpAnswers:
+    """GET /v1/model, then POST /v1/annotate with every cell of ``counts``, 100 a request."""
+    from scbert_serve.schema import sparse_cells
+
     predicted: list[str] = []
     top1: list[str] = []
     started = time.perf_counter()
-    try:
-        info = client.model()
-        print(
-            f"GET /v1/model: {info['name']} v{info['version']}, {len(info['classes'])} classes, "
-            f"panel of {info['panel_size']} genes (sha256 {info['panel_sha256'][:12]}...)"
-        )
-        for start in range(0, len(counts), 100):
-            cells = sparse_cells(counts.iloc[start : start + 100])
-            reply = client.annotate(cells=cells)
-            predicted += [cell["cell_type"] for cell in reply["cells"]]
-            top1 += [cell["top_k"][0]["cell_type"] for cell in reply["cells"]]
-        elapsed = time.perf_counter() - started
-        coverage = reply["coverage"]
-    finally:
-        stop()
+    info = client.model()
+    print(
+        f"GET /v1/model: {info['name']} v{info['version']}, {len(info['classes'])} classes, "
+        f"panel of {info['panel_size']} genes (sha256 {info['panel_sha256'][:12]}...)"
+    )
+    for start in range(0, len(counts), 100):
+        cells = sparse_cells(counts.iloc[start : start + 100])
+        reply = client.annotate(cells=cells)
+        predicted += [cell["cell_type"] for cell in reply["cells"]]
+        top1 += [cell["top_k"][0]["cell_type"] for cell in reply["cells"]]
+    elapsed = time.perf_counter() - started
+    return _HttpAnswers(predicted, top1, elapsed, reply["coverage"], -(-len(counts) // 100))
+
+
+def _endpoint_accuracy(
+    answers: _HttpAnswers,
+    obs: Any,
+    version: Any,
+    threshold: float,
+    held_out: tuple[int, float] | None,
+) -> str:
+    """Prints the endpoint's speed and its accuracy against the expert labels (all cells, and
+    the champion's held-out fold); returns them in one line."""
+    predicted = answers.predicted
     truth = obs["label"].to_numpy()
-    hits, top_hits = np.asarray(predicted) == truth, np.asarray(top1) == truth
+    hits, top_hits = np.asarray(predicted) == truth, np.asarray(answers.top1) == truth
     n_unassigned = sum(p == "Unassigned" for p in predicted)
     print(
-        f"POST /v1/annotate: {len(predicted)} real pbmc68k cells in {-(-len(counts) // 100)} "
-        f"requests, {elapsed:.1f} s ({len(predicted) / elapsed:.0f} cells/s); panel coverage "
-        f"{coverage['fraction']:.0%}; Unassigned (top probability < {params.threshold}): "
-        f"{n_unassigned}"
+        f"POST /v1/annotate: {len(predicted)} real pbmc68k cells in {answers.requests} "
+        f"requests, {answers.elapsed:.1f} s ({len(predicted) / answers.elapsed:.0f} cells/s); "
+        f"panel coverage {answers.coverage['fraction']:.0%}; Unassigned (top probability < "
+        f"{threshold}): {n_unassigned}"
     )
     print(
         f"  accuracy against the expert labels, all cells: {hits.mean():.3f} (Unassigned counted "
         f"wrong), {top_hits.mean():.3f} (most probable type)"
     )
     answer = (
-        f"endpoint: {len(predicted)} cells annotated over HTTP by version {source.version}, "
+        f"endpoint: {len(predicted)} cells annotated over HTTP by version {version}, "
         f"accuracy {hits.mean():.3f} ({top_hits.mean():.3f} for the most probable type, "
         f"{n_unassigned} Unassigned)"
     )
@@ -318,7 +370,6 @@ def serve_and_annotate(cells_dir: str, name: str, cv_report: Path, params_file: 
             f"probable type; scbert cv measured {cv_accuracy:.3f} on this fold in-process)"
         )
         answer += f"; on its held-out fold {fold}: {top_hits[mask].mean():.3f}"
-    print(f"  (Prometheus metrics were at {prometheus})")
     return answer
 
 

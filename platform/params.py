@@ -39,6 +39,10 @@ LOSSES = ("ce", "focal", "ldam_drw")
 EMBEDDINGS = ("auto", *CELL_EMBEDDINGS)
 RANKINGS = ("attention", "specificity")
 WEIGHTINGS = ("binary", "value")
+# what an input matrix holds: raw counts, or log1p of normalised counts (inverted to counts first)
+INPUTS = ("counts", "log1p")
+# keys of older params files, with what replaced them (named in the error)
+RENAMED = {"data.input_normalized": "data.input: log1p (was true) or counts (was false)"}
 CHUNK_CELLS = 1024  # cells read at a time by annotate, embed and explain
 
 
@@ -167,7 +171,7 @@ class DataParams(Section):
     gene_id_column: str = ""  # align by this var column (e.g. Ensembl ids) instead of var_names
     layer: str = ""  # read counts from this layer instead of .X
     use_raw: bool = False  # read counts from .raw
-    input_normalized: bool = False  # values are log1p of normalised counts: inverted first
+    input: str = "counts"  # counts | log1p (of normalised counts: inverted first)
     label_key: str = ""  # obs column with cell-type labels; "" = unlabelled
     batch_key: str = ""  # obs column naming each cell's dataset/batch (leave-one-dataset-out CV)
     make_unique: bool = False  # make duplicated gene symbols / cell ids unique instead of failing
@@ -187,6 +191,7 @@ class DataParams(Section):
         return self._failing(
             [
                 ("use_raw", not (self.layer and self.use_raw), "cannot go with data.layer"),
+                ("input", self.input in INPUTS, _one_of(INPUTS)),
                 ("panel_min_cells", self.panel_min_cells >= 0, "must be >= 0"),
                 ("min_genes", self.min_genes >= 0, "must be >= 0"),
                 ("target_sum", self.target_sum > 0, "must be > 0"),
@@ -565,6 +570,8 @@ class Params:
                 raise ParamsError(f"{dotted!r} is not a section.key name")
             kind: Any = _section_type(name)
             known = [f.name for f in dataclasses.fields(kind)]
+            if dotted in RENAMED:
+                raise ParamsError(f"parameter {dotted!r} is now {RENAMED[dotted]}")
             if key not in known:
                 raise ParamsError(
                     f"unknown parameter {dotted!r}; known in this section: {', '.join(known)}"
@@ -615,6 +622,23 @@ class Params:
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def add_params_arguments(parser: Any) -> None:
+    """``--params FILE`` and repeatable ``--set SECTION.KEY=VALUE`` on an argparse parser: how
+    every command that reads ``Params`` takes them (``Params.load(args.params, args.overrides)``).
+    """
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml if present)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter (repeatable)",
+    )
 
 
 def _section_type(name: str) -> type[Section]:

@@ -2,7 +2,8 @@
 
 Ours is a directory: ``config.json`` (ScBertConfig), ``model.safetensors`` (state dict, gene2vec
 and random projections included), ``panel.txt`` (gene symbols in model order) and
-``labels.json`` (class names, fine-tuned models only). It rebuilds the model alone.
+``labels.json`` (the class names, fine-tuned models only: ``ModelBundle.classes``; the file keeps
+its older name, which every checkpoint written so far uses). It rebuilds the model alone.
 
 The published scripts save ``{'model_state_dict': PerformerLM.state_dict()}``; ``PUBLISHED_NAMES``
 maps its keys to ours (docs/published_compat.md). Its to_q/to_k/to_v are fused into our to_qkv
@@ -27,6 +28,10 @@ from scbert.model import ScBert
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+# the class names of a fine-tuned model (``ModelBundle.classes``). An on-disk name: checkpoints
+# already written, and the model artifacts logged to MLflow and registered, hold labels.json, so
+# the file keeps it
+CLASSES_FILE = "labels.json"
 # how every damaged-checkpoint message ends: where a good copy comes from
 REWRITE_HINT = (
     "write it again (scbert pretrain/finetune --out DIR, or save_pretrained), or fetch it again "
@@ -192,7 +197,7 @@ class ModelBundle:
 
     model: ScBert
     panel: list[str]
-    labels: list[str] | None = None
+    classes: list[str] | None = None  # a fine-tuned model's class names (None: pretraining)
 
 
 def save_pretrained(
@@ -200,7 +205,7 @@ def save_pretrained(
     directory: str | Path,
     *,
     panel: Sequence[str],
-    labels: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write our checkpoint directory atomically (a crash leaves any previous one intact).
@@ -213,10 +218,10 @@ def save_pretrained(
         raise ValueError(f"panel has {len(panel)} genes, model has n_genes={config.n_genes}")
     if len(set(panel)) != len(panel):
         raise ValueError("panel has duplicated gene symbols")
-    if config.n_classes is not None and (labels is None or len(labels) != config.n_classes):
-        raise ValueError(f"a fine-tuned model needs {config.n_classes} labels, got {labels!r}")
-    if config.n_classes is None and labels is not None:
-        raise ValueError("labels given for a pretraining model (config.n_classes is None)")
+    if config.n_classes is not None and (classes is None or len(classes) != config.n_classes):
+        raise ValueError(f"a fine-tuned model needs {config.n_classes} classes, got {classes!r}")
+    if config.n_classes is None and classes is not None:
+        raise ValueError("classes given for a pretraining model (config.n_classes is None)")
     directory = Path(directory)
     with atomic_directory(directory, kind="checkpoint", overwrite=overwrite) as staging:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -229,13 +234,13 @@ def save_pretrained(
         }
         (staging / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         (staging / "panel.txt").write_text("".join(f"{gene}\n" for gene in panel))
-        if labels is not None:
-            (staging / "labels.json").write_text(json.dumps(list(labels), indent=2) + "\n")
+        if classes is not None:
+            (staging / CLASSES_FILE).write_text(json.dumps(list(classes), indent=2) + "\n")
     return directory
 
 
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu") -> ModelBundle:
-    """Rebuild model, panel and labels from a directory written by ``save_pretrained``.
+    """Rebuild model, panel and class names from a directory written by ``save_pretrained``.
 
     A missing file is a ``FileNotFoundError``, a damaged one a ``CheckpointError``: both name the
     file and say how to get a good copy (not a safetensors or torch error from deep inside).
@@ -262,8 +267,8 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
             f"{REWRITE_HINT}"
         ) from None
     panel = (directory / "panel.txt").read_text().splitlines()
-    labels = _read_labels(directory / "labels.json", config.n_classes)
-    return ModelBundle(model=model, panel=panel, labels=labels)
+    classes = _read_classes(directory / CLASSES_FILE, config.n_classes)
+    return ModelBundle(model=model, panel=panel, classes=classes)
 
 
 def _sha256(path: Path) -> str:
@@ -300,14 +305,14 @@ def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupted ({err}); {REWRITE_HINT}") from None
 
 
-def _read_labels(path: Path, n_classes: int | None) -> list[str] | None:
+def _read_classes(path: Path, n_classes: int | None) -> list[str] | None:
     if n_classes is None:
         return None
     if not path.is_file():
         raise FileNotFoundError(
             f"{path.parent}: fine-tuned ({n_classes} classes) but no {path.name}"
         )
-    labels = json.loads(path.read_text())
-    if not isinstance(labels, list) or len(labels) != n_classes:
-        raise ValueError(f"{path}: expected a list of {n_classes} class names, got {labels!r}")
-    return labels
+    classes = json.loads(path.read_text())
+    if not isinstance(classes, list) or len(classes) != n_classes:
+        raise ValueError(f"{path}: expected a list of {n_classes} class names, got {classes!r}")
+    return classes

@@ -221,7 +221,7 @@ def non_loopback_listeners(root: Any = None) -> list[tuple[int, str, str, int]]:
 
 PBMC_PARAMS: dict[str, Any] = {
     "use_raw": True,
-    "input_normalized": True,
+    "input": "log1p",
     "label_key": "bulk_labels",
     "panel_min_cells": 1,
 }
@@ -289,7 +289,7 @@ def write_tenx_mtx(adata: Any, folder: Path) -> Path:
 
 
 TOY_PANEL = [f"G{i}" for i in range(24)]
-TOY_LABELS = ["B", "NK", "T"]
+TOY_CLASSES = ["B", "NK", "T"]
 
 
 def finetuned_run(
@@ -300,11 +300,11 @@ def finetuned_run(
     manifest: str = "m1",
     panel: str = "p1",
     genes: list[str] | None = None,
-    labels: list[str] | None = None,
+    classes: list[str] | None = None,
     dataset: str = "toy",
 ) -> str:
     """A fine-tuning run as `scbert finetune` leaves it (tags, metrics, a pyfunc model), with a
-    tiny random-weight model on ``genes`` (default: 24 toy genes) and ``labels``."""
+    tiny random-weight model on ``genes`` (default: 24 toy genes) and ``classes``."""
     import mlflow
     import pandas as pd
 
@@ -312,10 +312,10 @@ def finetuned_run(
     from scbert_platform.track.pyfunc import log_pyfunc
     from scbert_platform.track.runs import MODEL_URI_TAG, experiment_id
 
-    genes, labels = genes or TOY_PANEL, labels or TOY_LABELS
+    genes, classes = genes or TOY_PANEL, classes or TOY_CLASSES
     checkpoint = workdir / f"ckpt-{seed}"
-    config = tiny_config(n_genes=len(genes), n_classes=len(labels), gene_embedding="learned")
-    save_pretrained(build_model(config, seed=seed), checkpoint, panel=genes, labels=labels)
+    config = tiny_config(n_genes=len(genes), n_classes=len(classes), gene_embedding="learned")
+    save_pretrained(build_model(config, seed=seed), checkpoint, panel=genes, classes=classes)
     half = len(genes) // 2
     example = pd.DataFrame(
         [[3.0] * half + [0.0] * (len(genes) - half), [0.0] * half + [5.0] * (len(genes) - half)],

@@ -45,13 +45,13 @@ def panel_and_labels(pbmc_shards: Path) -> tuple[list[str], list[str]]:
 def model_dir(tmp_path_factory: pytest.TempPathFactory, panel_and_labels: Any) -> Path:
     from scbert import save_pretrained
 
-    panel, labels = panel_and_labels
-    config = tiny_config(n_genes=len(panel), n_classes=len(labels), gene_embedding="learned")
+    panel, classes = panel_and_labels  # the model's classes: the data's labels
+    config = tiny_config(n_genes=len(panel), n_classes=len(classes), gene_embedding="learned")
     model = build_model(config, seed=1)
     with torch.no_grad():
         model.head.fc3.weight.mul_(60.0)  # confident: some cells above 0.5, some below
     out = tmp_path_factory.mktemp("model") / "tiny"
-    save_pretrained(model, out, panel=panel, labels=labels)
+    save_pretrained(model, out, panel=panel, classes=classes)
     return out
 
 

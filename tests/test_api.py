@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, pbmc_shards: Path) -> Pa
     with torch.no_grad():
         model.head.fc3.weight.mul_(60.0)  # confident: the Unassigned rule bites for some cells
     out = tmp_path_factory.mktemp("api") / "tiny"
-    save_pretrained(model, out, panel=list(info.panel), labels=list(info.labels))
+    save_pretrained(model, out, panel=list(info.panel), classes=list(info.labels))
     return out
 
 

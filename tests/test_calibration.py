@@ -88,7 +88,7 @@ def test_a_dead_relu_head_predicts_one_class_and_learns_nothing_leaky_does_not()
 def test_head_activation_is_saved_with_the_model(tmp_path: Path) -> None:
     config = tiny_config(n_classes=3, cls_activation="leaky_relu")
     save_pretrained(build_model(config), tmp_path / "m", panel=[f"g{i}" for i in range(24)],
-                    labels=["a", "b", "c"])  # fmt: skip
+                    classes=["a", "b", "c"])  # fmt: skip
     assert load_pretrained(tmp_path / "m").model.config.cls_activation == "leaky_relu"
     older = ScBertConfig.from_dict({k: v for k, v in config.to_dict().items()
                                     if k != "cls_activation"})  # fmt: skip
@@ -105,7 +105,7 @@ def _pbmc_model(shards: Path, tmp: Path, *, one_class: bool) -> Path:
         model.head.fc3.weight.mul_(40.0)
         if one_class:
             model.head.fc3.bias[3] = 1e4
-    return save_pretrained(model, tmp / "model", panel=info.panel, labels=info.labels)
+    return save_pretrained(model, tmp / "model", panel=info.panel, classes=info.labels)
 
 
 def test_calibration_is_folded_into_the_model_and_recorded(

@@ -24,7 +24,7 @@ from scbert.atomic import MARKER
 
 N_GENES = 24
 PANEL = [f"GENE{i}" for i in range(N_GENES)]
-LABELS = ["B cell", "T cell", "NK cell"]
+CLASSES = ["B cell", "T cell", "NK cell"]
 
 
 def classifier(seed: int = 0) -> ScBert:
@@ -45,18 +45,18 @@ def same_outputs(first: ScBert, second: ScBert) -> bool:
 
 def test_classifier_round_trip(tmp_path: Path) -> None:
     model = classifier()
-    directory = save_pretrained(model, tmp_path / "ckpt", panel=PANEL, labels=LABELS)
+    directory = save_pretrained(model, tmp_path / "ckpt", panel=PANEL, classes=CLASSES)
     assert directory == tmp_path / "ckpt"
     files = sorted(p.name for p in directory.iterdir())
     assert files == [MARKER, "config.json", "labels.json", "model.safetensors", "panel.txt"]
     bundle = load_pretrained(directory)
     assert bundle.panel == PANEL
-    assert bundle.labels == LABELS
+    assert bundle.classes == CLASSES
     assert bundle.model.config == model.config
     assert same_outputs(bundle.model, model)
     for key, value in model.state_dict().items():  # projections and gene2vec included
         assert torch.equal(bundle.model.state_dict()[key], value), key
-    assert json.loads((directory / "labels.json").read_text()) == LABELS
+    assert json.loads((directory / "labels.json").read_text()) == CLASSES
     assert (directory / "panel.txt").read_text().splitlines() == PANEL
 
 
@@ -66,7 +66,7 @@ def test_pretraining_model_round_trip(tmp_path: Path) -> None:
     files = sorted(p.name for p in directory.iterdir())
     assert files == [MARKER, "config.json", "model.safetensors", "panel.txt"]
     bundle = load_pretrained(directory)
-    assert bundle.labels is None
+    assert bundle.classes is None
     assert bundle.panel == PANEL
     assert bundle.model.config.gene_embedding == "learned"
     assert any(n.startswith("gene_emb") for n, _ in bundle.model.named_parameters())
@@ -74,26 +74,26 @@ def test_pretraining_model_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("panel", "labels", "message"),
+    ("panel", "classes", "message"),
     [
-        (PANEL[:-1], LABELS, "panel"),
-        ([*PANEL[:-1], PANEL[0]], LABELS, "duplicated"),
-        (PANEL, None, "labels"),
-        (PANEL, LABELS[:2], "labels"),
+        (PANEL[:-1], CLASSES, "panel"),
+        ([*PANEL[:-1], PANEL[0]], CLASSES, "duplicated"),
+        (PANEL, None, "classes"),
+        (PANEL, CLASSES[:2], "classes"),
     ],
 )
-def test_save_rejects_bad_panel_or_labels(
-    tmp_path: Path, panel: list[str], labels: list[str] | None, message: str
+def test_save_rejects_bad_panel_or_classes(
+    tmp_path: Path, panel: list[str], classes: list[str] | None, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        save_pretrained(classifier(), tmp_path / "ckpt", panel=panel, labels=labels)
+        save_pretrained(classifier(), tmp_path / "ckpt", panel=panel, classes=classes)
     assert not (tmp_path / "ckpt").exists()
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "panel.txt"])
 def test_load_names_a_missing_file(tmp_path: Path, missing: str) -> None:
-    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, labels=LABELS)
+    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, classes=CLASSES)
     (directory / missing).unlink()
     with pytest.raises(FileNotFoundError, match=missing):
         load_pretrained(directory)
@@ -104,15 +104,15 @@ def test_load_of_a_missing_directory(tmp_path: Path) -> None:
         load_pretrained(tmp_path / "nothing_here")
 
 
-def test_load_of_a_classifier_without_labels_fails(tmp_path: Path) -> None:
-    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, labels=LABELS)
+def test_load_of_a_classifier_without_its_classes_file_fails(tmp_path: Path) -> None:
+    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, classes=CLASSES)
     (directory / "labels.json").unlink()
     with pytest.raises((FileNotFoundError, ValueError), match="labels"):
         load_pretrained(directory)
 
 
 def test_unknown_config_key_lists_the_valid_ones(tmp_path: Path) -> None:
-    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, labels=LABELS)
+    directory = save_pretrained(classifier(), tmp_path / "ckpt", panel=PANEL, classes=CLASSES)
     meta = json.loads((directory / "config.json").read_text())
     meta["config"]["n_layers"] = 4
     (directory / "config.json").write_text(json.dumps(meta))
@@ -125,19 +125,19 @@ def test_unknown_config_key_lists_the_valid_ones(tmp_path: Path) -> None:
 def test_overwrite_leaves_no_staging_behind(tmp_path: Path) -> None:
     first, second = classifier(seed=0), classifier(seed=1)
     directory = tmp_path / "ckpt"
-    save_pretrained(first, directory, panel=PANEL, labels=LABELS)
+    save_pretrained(first, directory, panel=PANEL, classes=CLASSES)
     assert not same_outputs(first, second)
-    new_labels = ["x", "y", "z"]
-    save_pretrained(second, directory, panel=PANEL[::-1], labels=new_labels)
+    new_classes = ["x", "y", "z"]
+    save_pretrained(second, directory, panel=PANEL[::-1], classes=new_classes)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no dot-prefixed leftovers
     bundle = load_pretrained(directory)
     assert same_outputs(bundle.model, second)
     assert bundle.panel == PANEL[::-1]
-    assert bundle.labels == new_labels
+    assert bundle.classes == new_classes
     # overwriting a fine-tuned checkpoint with a pretraining one drops labels.json
     save_pretrained(pretraining_model(), directory, panel=PANEL)
     assert not (directory / "labels.json").exists()
-    assert load_pretrained(directory).labels is None
+    assert load_pretrained(directory).classes is None
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 

@@ -35,7 +35,7 @@ def test_demo_annotates_test_fold_cells(pbmc_shards, tmp_path, capsys) -> None: 
 
     info = ShardInfo.read(pbmc_shards)
     config = tiny_config(n_genes=info.n_genes, n_classes=len(info.labels), gene_embedding="learned")
-    save_pretrained(build_model(config), tmp_path / "m", panel=info.panel, labels=info.labels)
+    save_pretrained(build_model(config), tmp_path / "m", panel=info.panel, classes=info.labels)
     run_on_shards(str(pbmc_shards), str(tmp_path / "m"), n_cells=8)
     lines = capsys.readouterr().out.splitlines()
     assert "8 real cells of test fold 0" in lines[0]

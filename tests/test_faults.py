@@ -138,7 +138,7 @@ def test_a_damaged_checkpoint_is_named_wherever_it_is_loaded(
     info = ShardInfo.read(pbmc_shards)
     config = tiny_config(n_genes=info.n_genes, n_classes=len(info.labels))
     good = save_pretrained(
-        build_model(config), workdir / "good", panel=info.panel, labels=info.labels
+        build_model(config), workdir / "good", panel=info.panel, classes=info.labels
     )
     weights = (good / "model.safetensors").read_bytes()
     middle = len(weights) // 2
@@ -324,7 +324,8 @@ def test_a_full_disk_during_ingest_keeps_the_previous_output(
             "--out",
             str(out),
             "--use-raw",
-            "--input-normalized",
+            "--input",
+            "log1p",
             "--label-key",
             "bulk_labels",
             "--set",

@@ -48,7 +48,7 @@ def test_fetch_writes_raw_counts_with_both_label_levels(zeisel_h5ad: Path) -> No
 
 def test_missing_subtypes_are_unlabelled_cells_at_ingest(zeisel_h5ad: Path, tmp_path: Path) -> None:
     params = DataParams(
-        name="zeisel", label_key="subtype", min_genes=200, use_raw=False, input_normalized=False
+        name="zeisel", label_key="subtype", min_genes=200, use_raw=False, input="counts"
     )
     ingest(zeisel_h5ad, tmp_path / "cells", params, executor="local", log=lambda _: None)
     manifest = read_manifest(tmp_path / "cells")

@@ -227,7 +227,7 @@ class Case:
 CASES = {
     "non-integer counts": Case(
         non_integer,
-        r"non-integer value .* in cell 'cell0000'.*raw counts.*--input-normalized.*--layer.*"
+        r"non-integer value .* in cell 'cell0000'.*raw counts.*--input log1p.*--layer.*"
         r"--use-raw",
     ),
     "negative counts": Case(
@@ -280,10 +280,10 @@ CASES = {
     "random bytes named .h5ad": Case(
         random_bytes, r"cannot read .*corrupt.h5ad.*truncated, corrupt.*re-export it"
     ),
-    "--input-normalized on raw counts": Case(
+    "--input log1p on raw counts": Case(
         good,
-        r"declared log-normalised.*look like raw counts; drop --input-normalized",
-        {"input_normalized": True},
+        r"declared log-normalised.*look like raw counts; pass --input counts",
+        {"input": "log1p"},
     ),
     "QC removes every cell": Case(
         good,
@@ -413,11 +413,11 @@ def test_failure_while_writing_leaves_the_earlier_output_intact(
 # Cases found by these tests and fixed
 
 
-def test_input_normalized_on_low_raw_counts_is_rejected(tmp_path: Path) -> None:
+def test_log1p_input_on_low_raw_counts_is_rejected(tmp_path: Path) -> None:
     source = write_h5ad(make_adata(np.minimum(count_matrix(), 20)), tmp_path / "low.h5ad")
     output = tmp_path / "cells"
-    with pytest.raises(IngestError, match=r"look like raw counts; drop --input-normalized"):
-        ingest(source, output, data_params(input_normalized=True), executor="local", log=quiet)
+    with pytest.raises(IngestError, match=r"look like raw counts; pass --input counts"):
+        ingest(source, output, data_params(input="log1p"), executor="local", log=quiet)
     assert_nothing_written(output, None)
 
 

@@ -257,14 +257,14 @@ def normalized_ln(folder: Path) -> tuple[Path, dict[str, Any]]:
     adata = lognorm(COUNTS)
     assert adata.uns["log1p"]["base"] is None
     adata.write_h5ad(folder / "ln.h5ad")
-    return folder / "ln.h5ad", {"input_normalized": True}
+    return folder / "ln.h5ad", {"input": "log1p"}
 
 
 def normalized_log2(folder: Path) -> tuple[Path, dict[str, Any]]:
     adata = lognorm(COUNTS, base=2)
     assert adata.uns["log1p"] == {"base": 2}
     adata.write_h5ad(folder / "log2.h5ad")
-    return folder / "log2.h5ad", {"input_normalized": True}
+    return folder / "log2.h5ad", {"input": "log1p"}
 
 
 FORMATS = [
@@ -278,8 +278,8 @@ FORMATS = [
     pytest.param(starsolo_mtx, id="mtx-uncompressed"),
     pytest.param(loom_loompy, id="loom-loompy"),
     pytest.param(loom_anndata, id="loom-anndata"),
-    pytest.param(normalized_ln, id="input-normalized-ln"),
-    pytest.param(normalized_log2, id="input-normalized-log2"),
+    pytest.param(normalized_ln, id="input-log1p-ln"),
+    pytest.param(normalized_log2, id="input-log1p-log2"),
 ]
 
 
@@ -301,7 +301,7 @@ def test_every_format_gives_the_reference_shards(
     manifest = read_manifest(tmp_path / "cells")
     assert manifest["genes"]["found"] == 60
     assert manifest["cells"]["kept"] == N_CELLS - N_SPARSE
-    assert manifest["source"]["counts_recovered"] is bool(overrides.get("input_normalized"))
+    assert manifest["source"]["counts_recovered"] is (overrides.get("input") == "log1p")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,3 +150,19 @@ def test_the_batch_transform_needs_no_ray() -> None:
         "print('ray' in sys.modules)"
     )
     assert run_python(code, REPO_ROOT).strip() == "False"
+
+
+def test_the_old_paths_that_logged_models_pickled_still_resolve() -> None:
+    """MLflow models logged before platform/ moved into subpackages pickled the pyfunc's class
+    and the preprocessing record by their old module paths; loading them must find the same
+    classes (platform/pyfunc.py and platform/preprocess.py keep the paths)."""
+    import pickle
+
+    from scbert_platform.data.preprocess import Preprocessing
+    from scbert_platform.track.pyfunc import ScBertAnnotator
+
+    for old, new in [
+        ("scbert_platform.pyfunc\nScBertAnnotator", ScBertAnnotator),
+        ("scbert_platform.preprocess\nPreprocessing", Preprocessing),
+    ]:
+        assert pickle.loads(f"c{old}\n.".encode()) is new  # GLOBAL: what an old pickle holds

@@ -60,6 +60,7 @@ def test_overrides_are_typed() -> None:
         ("data.min_genes", "not of the form section.key=value"),
         ("min_genes=3", "not a section.key name"),
         ("train.lrate=1e-4", "unknown parameter 'train.lrate'.*lr"),
+        ("data.input_normalized=true", "'data.input_normalized' is now data.input: log1p"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
@@ -177,6 +178,7 @@ def test_importing_params_does_not_import_torch() -> None:
         ("model:\n  depth: 0\n", r"model\.depth must be >= 1, got 0"),
         ("data:\n  min_coverage: 2\n", r"data\.min_coverage must be in \[0, 1\], got 2\.0"),
         ("data:\n  layer: counts\n  use_raw: true\n", r"data\.use_raw cannot go with data\.layer"),
+        ("data:\n  input: normalized\n", r"data\.input must be one of counts, log1p"),
         ("serve:\n  min_replicas: 3\n", r"serve\.min_replicas must be <= serve\.max_replicas"),
         ("finetune:\n  max_steps: -1\n", r"finetune\.max_steps must be >= 0"),
         ("annotate:\n  threshold: 1.5\n", r"annotate\.threshold must be a probability"),

@@ -78,10 +78,10 @@ def test_invert_log1p_in_base_e_and_2_and_refuses_raw_counts() -> None:
 
 
 def test_read_expression_checks_then_inverts() -> None:
-    x = read_expression(np.log1p([[0.0, 3.0]]), kind="log1p", log_base=None)
+    x = read_expression(np.log1p([[0.0, 3.0]]), input="log1p", log_base=None)
     np.testing.assert_allclose(x.toarray(), [[0.0, 3.0]])
     with pytest.raises(PreprocessError, match="cell 'c2'"):
-        read_expression([[1.0], [-2.0]], kind="counts", log_base=None, cell_ids=["c1", "c2"])
+        read_expression([[1.0], [-2.0]], input="counts", log_base=None, cell_ids=["c1", "c2"])
 
 
 def test_counts_recovered_from_scaled_values_exactly() -> None:
@@ -196,13 +196,19 @@ def test_record_from_this_and_older_manifests(pbmc_shards: Path) -> None:
     for key in ("input", "target_sum", "log_base", "gene_id_column"):
         del older["preprocessing"][key]
     assert Preprocessing.from_manifest(older, n_bins=5) == record
+    # before data.input, the source said input_normalized (a bool)
+    for section in (older["source"], older["preprocessing"]["params"]):
+        section["input_normalized"] = section.pop("input") == "log1p"
+    assert Preprocessing.from_manifest(older, n_bins=5) == record
+    older["source"]["input_normalized"] = False
+    assert Preprocessing.from_manifest(older, n_bins=5).input == "counts"
 
 
 def tiny_checkpoint(directory: Path, genes: list[str] = GENES) -> Path:
     from scbert import save_pretrained
 
     config = tiny_config(n_genes=len(genes), n_classes=3, gene_embedding="learned")
-    save_pretrained(build_model(config), directory, panel=genes, labels=["B", "NK", "T"])
+    save_pretrained(build_model(config), directory, panel=genes, classes=["B", "NK", "T"])
     return directory
 
 

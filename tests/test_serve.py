@@ -76,7 +76,7 @@ def service(
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.setenv("SCBERT_API_TOKEN", TOKEN)
         patch.chdir(root)
-        run_id = finetuned_run(root, 0.5, seed=0, genes=info.panel, labels=info.labels)
+        run_id = finetuned_run(root, 0.5, seed=0, genes=info.panel, classes=info.labels)
         register(run_id, name=MODEL)
         promote(MODEL)
         start_ray(num_cpus=2)
@@ -746,8 +746,8 @@ def test_a_promoted_model_replaces_the_replicas_without_a_failed_request(service
         patch.chdir(service.root)
         patch.setenv("SCBERT_API_TOKEN", TOKEN)
         info_panel = list(service.counts.columns)
-        labels = service.session.get(f"{service.url}/v1/model", timeout=10).json()["classes"]
-        run_id = finetuned_run(service.root, 0.6, seed=1, genes=info_panel, labels=labels)
+        classes = service.session.get(f"{service.url}/v1/model", timeout=10).json()["classes"]
+        run_id = finetuned_run(service.root, 0.6, seed=1, genes=info_panel, classes=classes)
         assert register(run_id, name=MODEL).version == "2"
         promote(MODEL)
         with Load(service, service.sparse(slice(0, 5)), threads=2, max_seconds=120) as load:

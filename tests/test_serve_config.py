@@ -18,7 +18,7 @@ from scbert_platform.params import ParamsError, ServeParams
 def checkpoint(tmp_path: Path) -> Path:
     model = build_model(tiny_config(n_classes=3, gene_embedding="learned"))
     genes = [f"G{i}" for i in range(24)]
-    return save_pretrained(model, tmp_path / "model", panel=genes, labels=["B", "NK", "T"])
+    return save_pretrained(model, tmp_path / "model", panel=genes, classes=["B", "NK", "T"])
 
 
 def test_build_takes_the_serve_section_and_refuses_unknown_keys(checkpoint: Path) -> None:

@@ -20,7 +20,7 @@ from conftest import build_model, tiny_config
 from starlette.testclient import TestClient
 
 GENES = [f"G{i}" for i in range(24)]
-LABELS = ["B", "NK", "T"]
+CLASSES = ["B", "NK", "T"]
 UNKNOWN = ["NOT-A-GENE", "ALSO-NOT"]  # outside the panel: counted in coverage, ignored
 
 
@@ -35,9 +35,9 @@ def annotate(client: TestClient, body: Any, **kwargs: Any) -> Any:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from scbert import save_pretrained
 
-    model = build_model(tiny_config(n_classes=len(LABELS), gene_embedding="learned"), seed=3)
+    model = build_model(tiny_config(n_classes=len(CLASSES), gene_embedding="learned"), seed=3)
     out = tmp_path_factory.mktemp("serve-routes") / "tiny"
-    return save_pretrained(model, out, panel=GENES, labels=LABELS)
+    return save_pretrained(model, out, panel=GENES, classes=CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,10 @@ def test_model_info(client: TestClient, openapi: dict[str, Any]) -> None:
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
     info = ModelInfo.model_validate(answer.json())
     assert (info.name, info.version, info.alias) == ("tiny", None, None)
-    assert info.classes == LABELS and info.panel_size == len(GENES) and len(info.panel_sha256) == 64
-    assert info.config["n_genes"] == len(GENES) and info.config["n_classes"] == len(LABELS)
+    assert (
+        info.classes == CLASSES and info.panel_size == len(GENES) and len(info.panel_sha256) == 64
+    )
+    assert info.config["n_genes"] == len(GENES) and info.config["n_classes"] == len(CLASSES)
     assert (info.threshold, info.top_k, info.max_cells_per_request) == (0.5, 2, 50)
     assert info.max_json_depth == 32
     check_schema(openapi, "GET", "/v1/model", answer)
@@ -176,7 +178,7 @@ def test_annotate_json_cells(client: TestClient, openapi: dict[str, Any]) -> Non
         probabilities = [entry.probability for entry in cell.top_k]
         assert len(cell.top_k) == 3 and sorted(probabilities, reverse=True) == probabilities
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)  # all 3 classes
-        assert {entry.cell_type for entry in cell.top_k} == set(LABELS)
+        assert {entry.cell_type for entry in cell.top_k} == set(CLASSES)
         assert cell.probability == probabilities[0]
         if not cell.unassigned:
             assert cell.cell_type == cell.top_k[0].cell_type

@@ -62,7 +62,7 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     assert (
         result.metrics["calibration/temperature"] > 0 and "val/ece_uncalibrated" in run.data.metrics
     )
-    assert bundle.labels == sorted(manifest["labels"]["counts"])
+    assert bundle.classes == sorted(manifest["labels"]["counts"])
     assert bundle.model.config.n_classes == 10
 
     # the pyfunc: raw counts in, cell types out, the same as the checkpoint's own prediction
@@ -75,10 +75,10 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     example = example_counts(pbmc_shards, bundle.panel, n_cells=3)
     out = pyfunc.predict(example)
     assert list(out.index) == list(example.index)
-    assert set(out["cell_type"]) <= {*bundle.labels, "Unassigned"}
+    assert set(out["cell_type"]) <= {*bundle.classes, "Unassigned"}
     tokens = counts_to_tokens(example.to_numpy(), list(example.columns), bundle.panel, n_bins=5)
     expected = bundle.model.eval().predict_proba(tokens).detach().numpy()
-    columns = [f"p_{label}" for label in bundle.labels]
+    columns = [f"p_{label}" for label in bundle.classes]
     assert abs(out[columns].to_numpy() - expected).max() < 1e-5
     strict = pyfunc.predict(example, params={"threshold": 1.0})
     assert (strict["cell_type"] == "Unassigned").all()

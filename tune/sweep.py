@@ -247,9 +247,7 @@ def sweep(
     """Run (or, ``resume``, continue) a sweep; the summary is logged to the parent run."""
     import time
 
-    import mlflow
-
-    from scbert_platform.track.runs import MODEL_URI_TAG, tracking_uri
+    from scbert_platform.track.runs import MODEL_URI_TAG
 
     params = with_trial_resources(params, trial_cpus, trial_gpus)
     spec = spec or default_spec(params)
@@ -259,28 +257,7 @@ def sweep(
     study = Study("sweep", name, Path(shards), params, init_from=init_from)
     cluster_cpus = start_ray()
     parallel = concurrency(params, cluster_cpus, max_concurrent)
-    parent = parent_run(
-        study,
-        resume,
-        {
-            "search": spec.search,
-            "num_samples": spec.num_samples,
-            "metric": spec.metric,
-            "scheduler": spec.scheduler,
-            "max_concurrent": parallel,
-            "init_from": init_from or "",
-            "space": json.dumps(spec.space, default=str)[:6000],
-        },
-    )
-    if not resume:
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.MlflowClient().log_dict(parent, _jsonable(spec.__dict__), "sweep_spec.json")
-    print(
-        f"sweep {name}: {spec.search} search, {spec.num_samples} sample(s), "
-        f"{spec.scheduler} on {spec.metric}, {parallel} trial(s) at once; MLflow parent run "
-        f"{parent}" + (" (resumed)" if resume else ""),
-        file=sys.stderr,
-    )
+    parent = _parent_run(study, spec, resume=resume, parallel=parallel)
     keys = list(spec.space)
     with running(parent):
         param_space = tune_space(spec)
@@ -299,11 +276,48 @@ def sweep(
         ).fit()
         rows, reasons = _rows(grid, keys, spec.metric, child_runs(parent))
         close_stopped_children(parent, reasons)
-        finished = [r for r in rows if r["status"] == "finished" and r["metric"] is not None]
-        pick = max if spec.mode == "max" else min
-        best = pick(finished, key=lambda r: r["metric"], default=None)
+        best = _best(rows, spec.mode)
         _log_summary(study, parent, rows, best, keys, spec, MODEL_URI_TAG)
     return SweepResult(name, parent, rows, best, study.directory, keys)
+
+
+def _parent_run(study: Study, spec: SweepSpec, *, resume: bool, parallel: int) -> str:
+    """The sweep's MLflow parent run (created, or the one it has), with the spec logged to a
+    new one; says what the sweep runs."""
+    import mlflow
+
+    from scbert_platform.track.runs import tracking_uri
+
+    parent = parent_run(
+        study,
+        resume,
+        {
+            "search": spec.search,
+            "num_samples": spec.num_samples,
+            "metric": spec.metric,
+            "scheduler": spec.scheduler,
+            "max_concurrent": parallel,
+            "init_from": study.init_from or "",
+            "space": json.dumps(spec.space, default=str)[:6000],
+        },
+    )
+    if not resume:
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.MlflowClient().log_dict(parent, _jsonable(spec.__dict__), "sweep_spec.json")
+    print(
+        f"sweep {study.name}: {spec.search} search, {spec.num_samples} sample(s), "
+        f"{spec.scheduler} on {spec.metric}, {parallel} trial(s) at once; MLflow parent run "
+        f"{parent}" + (" (resumed)" if resume else ""),
+        file=sys.stderr,
+    )
+    return parent
+
+
+def _best(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:
+    """The finished trial with the best metric (``mode``: max or min); None when none finished."""
+    finished = [r for r in rows if r["status"] == "finished" and r["metric"] is not None]
+    pick = max if mode == "max" else min
+    return pick(finished, key=lambda r: r["metric"], default=None)
 
 
 def _rows(

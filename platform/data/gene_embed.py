@@ -47,7 +47,13 @@ import torch
 from scbert.atomic import atomic_file
 from scbert_platform.data.loader import SHARD_GLOB, check_shards
 from scbert_platform.data.manifest import read_manifest
-from scbert_platform.params import WEIGHTINGS, GeneEmbedParams, ModelParams, Params
+from scbert_platform.params import (
+    WEIGHTINGS,
+    GeneEmbedParams,
+    ModelParams,
+    Params,
+    add_params_arguments,
+)
 
 Weighting = Literal["binary", "value"]  # params.WEIGHTINGS
 MODEL, GENE_EMBED = ModelParams(), GeneEmbedParams()  # the defaults: model.dim, gene_embed
@@ -349,17 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="(gene_embed.seed)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: params.yaml if present)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one parameter (repeatable)",
-    )
+    add_params_arguments(parser)
     args = parser.parse_args(argv)
     flags = {
         "model.dim": args.dim,

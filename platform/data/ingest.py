@@ -134,7 +134,7 @@ def _say_input(
         f"matrix {table.source.location}) in {n_chunks} chunk(s) "
         f"{'on Ray Data' if use_ray else 'in this process'}"
     )
-    if params.input_normalized:
+    if params.input == "log1p":
         base = "e" if table.log_base is None else f"{table.log_base:g}"
         say(f"input is log-normalised (log1p, base {base}): inverted with base**v - 1")
 
@@ -146,7 +146,7 @@ def _chunks(table: InputTable, params: DataParams, start: int, stop: int) -> lis
             table.source,
             begin,
             min(begin + params.chunk_cells, stop),
-            params.input_normalized,
+            params.input,
             table.log_base,
             tuple(table.cell_ids[begin : min(begin + params.chunk_cells, stop)]),
         )
@@ -245,7 +245,7 @@ def _scan(
     n_genes = np.concatenate([s.n_genes for s in scans])
     n_counts = np.concatenate([s.n_counts for s in scans])
     recover = False
-    if params.input_normalized:
+    if params.input == "log1p":
         deviation = max(s.scale_deviation for s in scans)
         recover = deviation <= COUNT_RECOVERY_TOLERANCE
         say(
@@ -333,7 +333,7 @@ def scan_chunk(spec: ChunkSpec, positions: np.ndarray, n_panel: int) -> ScanResu
     """Validate a chunk and measure its cells for QC."""
     with spec.source.rows() as rows:
         x = read_counts(spec, rows)
-    deviation = count_scale_deviation(x) if spec.input_normalized else 0.0
+    deviation = count_scale_deviation(x) if spec.input == "log1p" else 0.0
     aligned = align(x, positions, n_panel)
     return ScanResult(
         spec.start,

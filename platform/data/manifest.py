@@ -95,7 +95,7 @@ class Manifest:
             "kind": table.kind,
             "sha256": table.sha256,
             "matrix": table.source.location,
-            "input_normalized": self.params.input_normalized,
+            "input": self.params.input,  # counts | log1p (before: input_normalized, a bool)
             "log_base": table.log_base,
             "counts_recovered": self.counts_recovered,
         }
@@ -114,7 +114,7 @@ class Manifest:
         params = self.params
         return {
             "align": "by " + (params.gene_id_column or "var_names") + "; missing genes = 0",
-            "input": "log1p" if params.input_normalized else "counts",
+            "input": params.input,
             "gene_id_column": params.gene_id_column or None,
             "min_genes": params.min_genes,
             "normalize_total": params.target_sum,

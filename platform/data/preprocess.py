@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from scbert_platform.params import INPUTS
+
 PREPROCESSING_FILE = "preprocessing.json"
 TAG_PREFIX = "scbert.preprocessing."  # MLflow run and registry version tags
 FROM_MODEL = "model"
 PUBLISHED_DEFAULTS = "published defaults"
-INPUT_KINDS = ("counts", "log1p")
 MAX_COUNT = 2**31 - 1  # larger values are no counts, and overflow float32 normalisation
 # recovering counts from log-normalised input: scaled values within this relative distance of
 # integers are counts (stored log values are often rounded, e.g. to 3 decimals)
@@ -139,19 +140,19 @@ def invert_log1p(
 def read_expression(
     matrix: Any,
     *,
-    kind: str,
+    input: str,
     log_base: float | None,
     cell_ids: Any = None,
     where: str = "",
     hints: dict[str, str] = COUNT_HINTS,
 ) -> sp.csr_matrix:
-    """Rows of an input matrix, checked (``check_counts``; ``kind="log1p"`` allows fractions)
+    """Rows of an input matrix, checked (``check_counts``; ``input="log1p"`` allows fractions)
     and, for log1p input, inverted to normalised values (``invert_log1p``), as CSR."""
-    if kind not in INPUT_KINDS:
-        raise PreprocessError(f"input kind must be one of {INPUT_KINDS}, got {kind!r}")
+    if input not in INPUTS:
+        raise PreprocessError(f"input must be one of {INPUTS}, got {input!r}")
     x = as_counts_matrix(matrix)
-    check_counts(x, cell_namer(x, cell_ids), integers=kind == "counts", where=where, hints=hints)
-    if kind == "log1p":
+    check_counts(x, cell_namer(x, cell_ids), integers=input == "counts", where=where, hints=hints)
+    if input == "log1p":
         x = invert_log1p(x, log_base, hints=hints)
     x.eliminate_zeros()
     return x
@@ -260,8 +261,8 @@ class Preprocessing:
     gene_id_column: str | None = None
 
     def __post_init__(self) -> None:
-        if self.input not in INPUT_KINDS:
-            raise PreprocessError(f"input must be one of {INPUT_KINDS}, got {self.input!r}")
+        if self.input not in INPUTS:
+            raise PreprocessError(f"input must be one of {INPUTS}, got {self.input!r}")
         if not self.target_sum > 0 or self.log_base <= 1 or self.n_bins < 1 or self.min_genes < 0:
             raise PreprocessError(
                 f"preprocessing record out of range: target_sum {self.target_sum} (> 0), "
@@ -277,12 +278,13 @@ class Preprocessing:
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], *, n_bins: int) -> Preprocessing:
         """The record of a model trained on these shards (``n_bins``: the model's binning).
-        Reads manifests of every schema version (older ones lack ``target_sum`` and ``input``)."""
+        Reads manifests of every schema version: older ones lack ``target_sum`` and
+        ``preprocessing.input``, and say ``source.input_normalized`` (a bool) for the input."""
         prep, source = manifest["preprocessing"], manifest["source"]
         params = prep.get("params", {})
-        kind = prep.get("input") or ("log1p" if source.get("input_normalized") else "counts")
+        legacy = "log1p" if source.get("input_normalized") else "counts"
         return cls(
-            input=kind,
+            input=prep.get("input") or source.get("input") or legacy,
             target_sum=float(prep.get("target_sum", prep.get("normalize_total", 1e4))),
             log_base=float(prep.get("log_base", 2.0)),
             n_bins=n_bins,

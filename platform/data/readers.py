@@ -127,7 +127,7 @@ class ChunkSpec:
     source: MatrixSource
     start: int
     stop: int
-    input_normalized: bool
+    input: str  # counts | log1p (data.input)
     log_base: float | None
     cell_ids: tuple[str, ...]  # of rows start..stop, for error messages and shards
 
@@ -136,9 +136,9 @@ INGEST_HINTS = {
     "finite": "fix or drop those cells before ingesting",
     "negative": "scaled or batch-corrected data cannot be ingested; use raw counts, e.g. "
     "--layer counts",
-    "integer": "ingest needs raw counts; for log-normalised data pass --input-normalized, or "
+    "integer": "ingest needs raw counts; for log-normalised data pass --input log1p, or "
     "read the counts from another matrix with --layer NAME or --use-raw",
-    "looks_raw": "drop --input-normalized (it is for log1p of normalised counts)",
+    "looks_raw": "pass --input counts (log1p is for log of normalised counts)",
 }
 
 
@@ -152,7 +152,7 @@ def read_counts(
     with raised_as(IngestError):
         return read_expression(
             rows(spec.start, spec.stop),
-            kind="log1p" if spec.input_normalized else "counts",
+            input=spec.input,
             log_base=spec.log_base,
             cell_ids=spec.cell_ids,
             where=f" in cells {spec.start}..{spec.stop - 1}",

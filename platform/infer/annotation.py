@@ -56,7 +56,7 @@ from scbert_platform.data.preprocess import (
 )
 from scbert_platform.data.readers import h5ad_rows
 from scbert_platform.infer.models import LoadedModel, ModelSource
-from scbert_platform.params import AnnotateParams, ParamsError
+from scbert_platform.params import INPUTS, AnnotateParams, ParamsError
 
 __all__ = ["AnnotationError", "LoadedModel", "annotate", "embed"]
 
@@ -100,7 +100,7 @@ class ExpressionInput:
     where: str  # "X", "raw" or "layers/<name>"
     genes: tuple[str, ...]
     cell_ids: tuple[str, ...]
-    kind: str  # "counts" or "log1p"
+    input: str  # "counts" or "log1p"
     log_base: float | None  # log1p base (None: e)
     file: str | None  # the .h5ad of a backed AnnData, read from disk chunk by chunk
     location: str  # the matrix's HDF5 path in that file
@@ -114,7 +114,7 @@ class ExpressionInput:
         with raised_as(AnnotationError):
             return read_expression(
                 rows,
-                kind=self.kind,
+                input=self.input,
                 log_base=self.log_base,
                 cell_ids=self.cell_ids[start:stop],
                 where=f" in cells {start}..{stop - 1}",
@@ -131,10 +131,11 @@ def expression_input(
     gene_id_column: str | None = None,
 ) -> tuple[ExpressionInput, Any]:
     """The matrix to read (``layer``, ``.raw`` or ``.X``; ``use_raw=None`` picks ``.raw`` when
-    ``.X`` holds negative, i.e. scaled, values and ``.raw`` exists) and its kind (``input``:
-    ``counts``, ``log1p`` or ``auto`` = integers are counts, other non-negative values log1p).
+    ``.X`` holds negative, i.e. scaled, values and ``.raw`` exists) and what its values are
+    (``input``: ``counts``, ``log1p`` or ``auto`` = integers are counts, other non-negative values
+    log1p).
     Returns it with the in-memory matrix (None for a backed AnnData: read from the file)."""
-    if input not in ("auto", "counts", "log1p"):
+    if input not in ("auto", *INPUTS):
         raise AnnotationError(f"input must be 'auto', 'counts' or 'log1p', got {input!r}")
     if layer and use_raw:
         raise AnnotationError("give either layer or use_raw=True, not both")
@@ -176,14 +177,13 @@ def expression_input(
             "unique (adata.var_names_make_unique()) or align by another var column (gene_id_column)"
         )
     sample = _sample(matrix if matrix is not None else _matrix(adata, where), False)
-    kind = _kind(sample, input, where)
     log_info = adata.uns.get("log1p", {}) if hasattr(adata.uns, "get") else {}
     base = log_info.get("base") if isinstance(log_info, dict) else None
     found = ExpressionInput(
         where,
         tuple(genes),
         tuple(adata.obs_names.astype(str)),
-        kind,
+        _detect_input(sample, input, where),
         None if base is None else float(base),
         str(adata.filename) if backed else None,
         location,
@@ -209,7 +209,8 @@ def _has_negative(sample: sp.csr_matrix) -> bool:
     return bool(sample.nnz and sample.data.min() < 0)
 
 
-def _kind(sample: sp.csr_matrix, requested: str, where: str) -> str:
+def _detect_input(sample: sp.csr_matrix, requested: str, where: str) -> str:
+    """What the sampled values are (``counts`` or ``log1p``), given the ``input`` asked for."""
     values = sample.data[np.isfinite(sample.data)]
     if requested == "counts" or not values.size:
         return "counts"
@@ -225,14 +226,14 @@ def _kind(sample: sp.csr_matrix, requested: str, where: str) -> str:
             f"input='log1p', but every value of {where} is an integer (up to "
             f"{values.max():.0f}): they look like raw counts; {ANNOTATE_HINTS['looks_raw']}"
         )
-    kind = requested if requested != "auto" else "counts" if integers else "log1p"
-    if kind == "log1p" and values.max() > MAX_LOG_VALUE:
+    found = requested if requested != "auto" else "counts" if integers else "log1p"
+    if found == "log1p" and values.max() > MAX_LOG_VALUE:
         raise AnnotationError(
             f"{where} holds non-integer values up to {values.max():.4g}: too large for log1p of "
             "normalised counts; looks like normalised counts without the log; pass the raw "
             "counts (layer=..., use_raw=True) or apply sc.pp.log1p first"
         )
-    return kind
+    return found
 
 
 @contextmanager
@@ -284,7 +285,7 @@ def chunk_tokens(
     )
     x = found.counts(read(start, stop), start, stop)
     recovered = False
-    if found.kind == "log1p" and count_scale_deviation(x) <= COUNT_RECOVERY_TOLERANCE:
+    if found.input == "log1p" and count_scale_deviation(x) <= COUNT_RECOVERY_TOLERANCE:
         x, recovered = recover_counts(x), True
     values = normalised_values(align(x, positions, n_panel), record)
     return bin_tokens(values, record.n_bins), values, recovered
@@ -700,7 +701,7 @@ def _summary(
         "panel": {"n_genes": len(loaded.panel), "sha256": loaded.panel.sha256},
         "input": {
             "matrix": found.where,
-            "values": found.kind,
+            "values": found.input,
             "log_base": found.log_base if found.log_base is not None else "e",
             "counts_recovered": recovered,
         },

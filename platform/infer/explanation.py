@@ -80,11 +80,6 @@ def explain(
     """Attention per gene averaged by group (``groupby``: an obs column; default the predicted
     types of ``annotate``), and each group's ``top_n`` genes. Groups with fewer than
     ``min_cells`` cells are left out (their means are noise)."""
-    import pandas as pd
-    import torch
-
-    from scbert_platform.console import progress as progress_bar
-
     try:  # the explain params section checks the options
         ExplainParams(
             top_n=top_n,
@@ -96,24 +91,96 @@ def explain(
     except ParamsError as err:
         raise AnnotationError(str(err)) from None
     groupby = groupby or CELL_TYPE
+    codes, names = _group_codes(adata, groupby)
+    loaded = LoadedModel.load(model, device=device, fine_tuned=False)
+    found, matrix = expression_input(
+        adata, layer=layer, use_raw=use_raw, input=input, gene_id_column=gene_id_column
+    )
+    sums = _sum_by_group(
+        loaded,
+        found,
+        matrix,
+        codes,
+        len(names),
+        batch_size=batch_size,
+        chunk_cells=chunk_cells,
+        progress=progress,
+    )
+    return _explanation(
+        sums,
+        codes,
+        names,
+        loaded.panel,
+        n=found.n_cells,
+        groupby=groupby,
+        min_cells=min_cells,
+        top_n=top_n,
+        rank_by=rank_by,
+    )
+
+
+def _group_codes(adata: Any, groupby: str) -> tuple[np.ndarray, Any]:
+    """Each cell's group number (-1: no group) and the group names, sorted."""
+    import pandas as pd
+
     if groupby not in adata.obs:
         hint = " (run annotate first, or name a label column)" if groupby == CELL_TYPE else ""
         raise AnnotationError(
             f"no obs column {groupby!r} to group cells by{hint}; columns: {list(adata.obs.columns)}"
         )
     groups = adata.obs[groupby]
-    codes, names = pd.factorize(groups.astype(str).where(groups.notna()), sort=True)
-    loaded = LoadedModel.load(model, device=device, fine_tuned=False)
-    found, matrix = expression_input(
-        adata, layer=layer, use_raw=use_raw, input=input, gene_id_column=gene_id_column
-    )
+    return pd.factorize(groups.astype(str).where(groups.notna()), sort=True)
+
+
+@dataclass
+class _GroupSums:
+    """Sums over each group's cells (groups x panel genes: attention received, expression,
+    cells expressing) and over all cells (panel genes: expression and its square)."""
+
+    attention: np.ndarray
+    expression: np.ndarray
+    expressed: np.ndarray
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def zeros(cls, n_groups: int, n_panel: int) -> _GroupSums:
+        by_group = [np.zeros((n_groups, n_panel)) for _ in range(3)]
+        return cls(*by_group, np.zeros(n_panel), np.zeros(n_panel))
+
+    def add(self, chunk_codes: np.ndarray, sums: np.ndarray, dense: np.ndarray) -> None:
+        """A chunk of cells: their group numbers, attention sums and expression values."""
+        self.total += dense.sum(axis=0)
+        self.total_sq += (dense**2).sum(axis=0)
+        keep = chunk_codes >= 0
+        onehot = np.zeros((len(self.attention), len(dense)))
+        onehot[chunk_codes[keep], np.flatnonzero(keep)] = 1.0
+        self.attention += onehot @ sums
+        self.expression += onehot @ dense
+        self.expressed += onehot @ (dense > 0)
+
+
+def _sum_by_group(
+    loaded: LoadedModel,
+    found: Any,
+    matrix: Any,
+    codes: np.ndarray,
+    n_groups: int,
+    *,
+    batch_size: int,
+    chunk_cells: int,
+    progress: bool,
+) -> _GroupSums:
+    """The attention each panel gene receives and its expression, summed by group, reading the
+    cells ``chunk_cells`` at a time and running the model ``batch_size`` cells at a time."""
+    import torch
+
+    from scbert_platform.console import progress as progress_bar
+
     panel = loaded.panel
     positions = panel.positions(list(found.genes))
-    n_groups, n_panel = len(names), len(panel)
-    attention = np.zeros((n_groups, n_panel))
-    expr_sum = np.zeros((n_groups, n_panel))
-    expressed = np.zeros((n_groups, n_panel))
-    total, total_sq = np.zeros(n_panel), np.zeros(n_panel)
+    n_panel = len(panel)
+    sums = _GroupSums.zeros(n_groups, n_panel)
     net = loaded.model
     with (
         row_reader(found, matrix) as read,
@@ -123,35 +190,44 @@ def explain(
             tokens, values, _ = chunk_tokens(
                 found, read, start, stop, positions, n_panel, loaded.preprocessing
             )
-            sums = torch.cat(
+            attention = torch.cat(
                 [
                     net.attention_sums(t.to(loaded.device)).float().cpu()
                     for t in tokens.split(batch_size)
                 ]
             ).numpy()
-            dense = values.toarray()
-            total += dense.sum(axis=0)
-            total_sq += (dense**2).sum(axis=0)
-            chunk_codes = codes[start:stop]
-            keep = chunk_codes >= 0
-            onehot = np.zeros((n_groups, stop - start))
-            onehot[chunk_codes[keep], np.flatnonzero(keep)] = 1.0
-            attention += onehot @ sums
-            expr_sum += onehot @ dense
-            expressed += onehot @ (dense > 0)
+            sums.add(codes[start:stop], attention, values.toarray())
             bar.update(stop - start)
-    counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(float)
+    return sums
+
+
+def _explanation(
+    sums: _GroupSums,
+    codes: np.ndarray,
+    names: Any,
+    panel: Any,
+    *,
+    n: int,
+    groupby: str,
+    min_cells: int,
+    top_n: int,
+    rank_by: str,
+) -> Explanation:
+    """The means over the cells of each group of ``min_cells`` or more (expression z-scored over
+    all ``n`` cells), and their top genes."""
+    import pandas as pd
+
+    counts = np.bincount(codes[codes >= 0], minlength=len(names)).astype(float)
     kept = counts >= min_cells
     if not kept.any():
         raise AnnotationError(f"no group of {groupby!r} has {min_cells} or more cells (min_cells)")
-    n = found.n_cells
-    mean, std = total / n, np.sqrt(np.maximum(total_sq / n - (total / n) ** 2, 0))
+    mean, std = sums.total / n, np.sqrt(np.maximum(sums.total_sq / n - (sums.total / n) ** 2, 0))
     frame = lambda a: pd.DataFrame(  # noqa: E731
         (a / counts[:, None])[kept], index=list(names[kept]), columns=list(panel.genes)
     )
-    mean_attention = frame(attention)
-    expression = (frame(expr_sum) - mean) / np.where(std > 0, std, 1.0)
-    fraction = frame(expressed)
+    mean_attention = frame(sums.attention)
+    expression = (frame(sums.expression) - mean) / np.where(std > 0, std, 1.0)
+    fraction = frame(sums.expressed)
     top = _top_genes(mean_attention, expression, fraction, top_n, rank_by)
     return Explanation(
         groupby,

@@ -115,7 +115,7 @@ def load_model(source: ModelSource, *, fine_tuned: bool = True, device: str = "c
 
     if (Path(source.uri) / "config.json").is_file():
         bundle = load_pretrained(source.uri)
-        if fine_tuned and bundle.labels is None:
+        if fine_tuned and bundle.classes is None:
             raise ValueError(
                 f"{source.uri} is a pretraining checkpoint (no labels.json): cell types need a "
                 "fine-tuned one (scbert finetune --out DIR)"
@@ -124,7 +124,7 @@ def load_model(source: ModelSource, *, fine_tuned: bool = True, device: str = "c
         record, where = model_preprocessing(
             source.uri, n_bins=bundle.model.config.n_bins, panel_sha256=panel.sha256
         )
-        net, classes = bundle.model, bundle.labels
+        net, classes = bundle.model, bundle.classes
     else:
         import mlflow
 
@@ -132,7 +132,8 @@ def load_model(source: ModelSource, *, fine_tuned: bool = True, device: str = "c
             mlflow.set_tracking_uri(source.tracking_uri)
             mlflow.set_registry_uri(source.tracking_uri)
         annotator = mlflow.pyfunc.load_model(source.uri).unwrap_python_model()
-        net, panel, classes = annotator.model, Panel(tuple(annotator.panel)), list(annotator.labels)
+        net, panel = annotator.model, Panel(tuple(annotator.panel))
+        classes = list(annotator.classes)
         record, where = annotator.preprocessing, annotator.preprocessing_source
     on = torch.device(device)
     return LoadedModel(source, net.eval().to(on), panel, classes, record, where, on)

@@ -143,11 +143,11 @@ class ScBertAnnotator:
 
         directory = context.artifacts[CHECKPOINT]
         bundle = load_pretrained(directory)
-        if bundle.labels is None:
+        if bundle.classes is None:
             raise ValueError("the pyfunc needs a fine-tuned checkpoint (with labels.json)")
         self.model = bundle.model.eval()
         self.panel = bundle.panel
-        self.labels = bundle.labels
+        self.classes = bundle.classes
         self.preprocessing, self.preprocessing_source = model_preprocessing(
             directory,
             n_bins=self.model.config.n_bins,
@@ -174,13 +174,13 @@ class ScBertAnnotator:
         proba, _ = predict_tokens(self.model, tokens)
         out = pd.DataFrame(
             {
-                "cell_type": cell_types(proba, self.labels, threshold),
+                "cell_type": cell_types(proba, self.classes, threshold),
                 "probability": proba.max(axis=1),
             },
             index=index,
         )
-        for j, label in enumerate(self.labels):
-            out[f"p_{label}"] = proba[:, j]
+        for j, name in enumerate(self.classes):
+            out[f"p_{name}"] = proba[:, j]
         return out
 
 
@@ -223,9 +223,11 @@ def log_pyfunc(checkpoint: str | Path, example: Any, *, name: str = "annotator")
     class _Model(ScBertAnnotator, mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         pass
 
-    model = _Model()
-    model.load_context(type("Context", (), {"artifacts": {CHECKPOINT: str(checkpoint)}})())
-    output = model.predict(None, example)
+    # the example's answer from a loaded copy; MLflow pickles an unloaded one (the class by its
+    # path, no state: the network and record are read from the artifact when the model loads)
+    model, loaded = _Model(), _Model()
+    loaded.load_context(type("Context", (), {"artifacts": {CHECKPOINT: str(checkpoint)}})())
+    output = loaded.predict(None, example)
     from scbert_platform.console import quieter
 
     # MLflow warns on every call that a python_model object is saved with CloudPickle (loading

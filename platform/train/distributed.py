@@ -366,8 +366,8 @@ def _write_checkpoint(
     if weights is not None:
         current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(weights)
-    labels = info.labels if task == "finetune" else None
-    save_pretrained(model, directory / MODEL_DIR, panel=info.panel, labels=labels)
+    classes = info.labels if task == "finetune" else None  # the model's: its data's labels
+    save_pretrained(model, directory / MODEL_DIR, panel=info.panel, classes=classes)
     if weights is not None:
         model.load_state_dict(current)
     torch.save(state, directory / STATE_FILE)
@@ -574,13 +574,16 @@ def _trainer(
 
     params = Params.from_dict(config["params"])
     split = CellSplit.from_dict(config["split"])
-    trainer = TorchTrainer
+    trainer, data_config = TorchTrainer, ray.train.DataConfig()
     if train.workers == 1:
         # One worker needs no torch.distributed process group, whose rendezvous store (PyTorch's
         # TCPStore, which takes no bind address) would listen on every interface for the run
         from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
         trainer = DataParallelTrainer
+        # nor a streaming split, whose coordinator actor is one more process to start (about
+        # 2 s of a short run here): the worker iterates the dataset itself
+        data_config = ray.train.DataConfig(datasets_to_split=[])
     return trainer(
         train_worker,
         train_loop_config=config,
@@ -601,6 +604,7 @@ def _trainer(
             callbacks=[_tune_callback()] if config.get("report_to_tune") else None,
         ),
         datasets={"train": cell_dataset(config["shards"], params.model.n_bins, split=split)},
+        dataset_config=data_config,
     )
 
 
@@ -961,7 +965,7 @@ def calibrate_and_check(
             "non-finite probabilities"
             if not finite
             else (
-                f"one class ({bundle.labels[predicted.pop()]}) for all {int(known.sum())} "
+                f"one class ({bundle.classes[predicted.pop()]}) for all {int(known.sum())} "
                 f"validation cells of {len(present)} types"
             )
         )
@@ -973,7 +977,7 @@ def calibrate_and_check(
     logits = np.log(np.clip(proba, 1e-30, None))
     temperature = fit_temperature(logits, y_val)
     bundle.model.head.fold_temperature(temperature)
-    save_pretrained(bundle.model, model_dir, panel=bundle.panel, labels=bundle.labels)
+    save_pretrained(bundle.model, model_dir, panel=bundle.panel, classes=bundle.classes)
     calibrated = torch.softmax(torch.as_tensor(logits) / temperature, dim=1).numpy()
     ece_after = expected_calibration_error(calibrated, y_val)
     record = {
@@ -1010,13 +1014,13 @@ def _log_test_evaluation(
     )
 
     bundle = load_pretrained(model_dir)
-    assert bundle.labels is not None
+    assert bundle.classes is not None
     batches = iter_local_batches(
         shards, params.model.n_bins, split=split, role="test", batch_size=64
     )
     y_true, proba = predict(bundle.model, batches, device=torch.device("cpu"))
     known = y_true >= 0
-    report = classification_report(y_true[known], proba[known].argmax(-1), bundle.labels)
+    report = classification_report(y_true[known], proba[known].argmax(-1), bundle.classes)
     flat = {"test/accuracy": report["accuracy"], "test/macro_f1": report["macro_f1"]}
     mlflow.log_metrics(flat)
     for label, scores in report["per_class"].items():
@@ -1027,7 +1031,7 @@ def _log_test_evaluation(
         mlflow.log_artifact(str(predictions), str(Path(TEST_PREDICTIONS).parent))
         png = Path(tmp) / "confusion_matrix.png"
         confusion_matrix_png(
-            report["confusion_matrix"], bundle.labels, png, title=_test_title(split)
+            report["confusion_matrix"], bundle.classes, png, title=_test_title(split)
         )
         mlflow.log_artifact(str(png), "evaluation")
     mlflow.log_text(report_markdown(report), "evaluation/test_report.md")

@@ -361,6 +361,33 @@ class LoopHooks:
     progress: Callable[[int, int, dict[str, float]], None] | None = None
 
 
+@dataclass
+class _Training:
+    """What ``run_loop``'s steps share: its arguments, and the running values between steps."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+    params: TrainParams
+    total_steps: int
+    state: LoopState
+    hooks: LoopHooks
+    device: torch.device
+    early_stop_metric: str | None
+    on_best: Callable[[], None] | None
+    trainable: list[torch.nn.Parameter]
+    started: float
+    cells_at_start: int
+    window: float  # when the chief last logged a progress line
+    # the step's loss stays on the device: reading it (a host sync, which stalls a GPU's queue)
+    # happens only on the steps whose metrics are reported, shown or logged, at most about once
+    # a second otherwise (on a CPU every step is slower than that anyway)
+    step_loss: torch.Tensor
+    synced: float = -math.inf
+    micro: int = 0  # micro-batches since the last optimiser step; accumulation spans epoch ends
+
+
 def run_loop(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -384,90 +411,131 @@ def run_loop(
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    started, cells_at_start, window = time.perf_counter(), state.cells, time.perf_counter()
-    # the step's loss stays on the device: reading it (a host sync, which stalls a GPU's queue)
-    # happens only on the steps whose metrics are reported, shown or logged, at most about once
-    # a second otherwise (on a CPU every step is slower than that anyway)
-    step_loss = torch.zeros((), device=device)
-    synced = -math.inf
-    micro = 0  # micro-batches since the last optimiser step; accumulation spans epoch ends
+    run = _Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        params=params,
+        total_steps=total_steps,
+        state=state,
+        hooks=hooks,
+        device=device,
+        early_stop_metric=early_stop_metric,
+        on_best=on_best,
+        trainable=trainable,
+        started=time.perf_counter(),
+        cells_at_start=state.cells,
+        window=time.perf_counter(),
+        step_loss=torch.zeros((), device=device),
+    )
     while state.step < total_steps and not state.stopped_early:
-        seen = 0
-        for index, batch in enumerate(epochs(state.epoch)):
-            seen += 1
-            if index < state.batches_done:
-                continue
-            sync = (micro + 1) % params.grad_accum == 0
-            # between accumulation steps DDP must not all-reduce: forward and backward in no_sync
-            guard = hooks.no_sync() if (hooks.no_sync and not sync) else contextlib.nullcontext()
-            with guard:
-                with autocast(device, params.precision):
-                    loss, info = loss_fn(model, batch)
-                (loss / params.grad_accum).backward()
-            micro += 1
-            state.batches_done = index + 1
-            state.cells += int(info["cells"])
-            step_loss += loss.detach().float() / params.grad_accum
-            if not sync:
-                continue
-            if params.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            now = time.perf_counter()
-            validating = bool(hooks.validate and params.val_every)
-            validating = validating and state.step % params.val_every == 0
-            due = bool(params.ckpt_every and state.step % params.ckpt_every == 0)
-            finished = state.step >= total_steps
-            reporting = due or finished or validating or state.step % max(params.log_every, 1) == 0
-            if not (reporting or now - synced >= 1.0):
-                step_loss.zero_()
-                continue
-            synced = now
-            if not math.isfinite(float(step_loss)):
-                raise NonFiniteLoss(
-                    f"the training loss is {float(step_loss)} at step {state.step}: lower "
-                    "train.lr, or set train.grad_clip (1.0 is a safe value)"
-                )
-            metrics = {
-                "train/loss": float(step_loss),
-                "train/lr": float(scheduler.get_last_lr()[0]),
-                "train/cells_per_s": (state.cells - cells_at_start) / max(now - started, 1e-9),
-                "train/epoch": float(state.epoch),
-            }
-            step_loss.zero_()
-            if validating:
-                metrics |= hooks.validate()  # type: ignore[misc]
-                _track_best(state, metrics, early_stop_metric, params.patience, on_best)
-            finished = finished or state.stopped_early
-            state.history.append({"step": float(state.step), **metrics})
-            if reporting or finished:
-                hooks.report(metrics, due or finished)
-            if hooks.is_chief and hooks.progress is not None:
-                hooks.progress(state.step, total_steps, metrics)
-            if hooks.is_chief and (now - window > 10 or finished or state.step == 1):
-                window = now
-                eta = (total_steps - state.step) * (now - started) / max(state.step, 1)
-                hooks.log(
-                    f"step {state.step}/{total_steps} epoch {state.epoch} "
-                    f"loss {metrics['train/loss']:.4f} {metrics['train/cells_per_s']:.1f} cells/s "
-                    f"ETA {eta / 60:.1f} min"
-                    + "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
-                )
-            if finished:
-                break
-        else:
-            if seen == 0:
-                raise RuntimeError(
-                    f"epoch {state.epoch} gave no batches: the training split is empty"
-                )
-            state.epoch += 1
-            state.batches_done = 0
-            continue
-        break
+        if _run_epoch(run, epochs(state.epoch)):
+            break
     return state
+
+
+def _run_epoch(run: _Training, batches: Iterable[Batch]) -> bool:
+    """One epoch's micro-batches (those not done before a resume); True when training finished
+    in it, else the state moves on to the next epoch."""
+    state = run.state
+    seen = 0
+    for index, batch in enumerate(batches):
+        seen += 1
+        if index < state.batches_done:
+            continue
+        if _micro_step(run, index, batch) and _optimizer_step(run):
+            return True
+    if seen == 0:
+        raise RuntimeError(f"epoch {state.epoch} gave no batches: the training split is empty")
+    state.epoch += 1
+    state.batches_done = 0
+    return False
+
+
+def _micro_step(run: _Training, index: int, batch: Batch) -> bool:
+    """Forward and backward of one micro-batch; True when an optimiser step is due."""
+    params, hooks, state = run.params, run.hooks, run.state
+    sync = (run.micro + 1) % params.grad_accum == 0
+    # between accumulation steps DDP must not all-reduce: forward and backward in no_sync
+    guard = hooks.no_sync() if (hooks.no_sync and not sync) else contextlib.nullcontext()
+    with guard:
+        with autocast(run.device, params.precision):
+            loss, info = run.loss_fn(run.model, batch)
+        (loss / params.grad_accum).backward()
+    run.micro += 1
+    state.batches_done = index + 1
+    state.cells += int(info["cells"])
+    run.step_loss += loss.detach().float() / params.grad_accum
+    return sync
+
+
+def _optimizer_step(run: _Training) -> bool:
+    """Clip, step the optimiser and the schedule, then validate, report and log when due; True
+    when training is finished (``total_steps`` reached, or stopped early)."""
+    params, state = run.params, run.state
+    if params.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.trainable, params.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    now = time.perf_counter()
+    validating = bool(run.hooks.validate and params.val_every)
+    validating = validating and state.step % params.val_every == 0
+    due = bool(params.ckpt_every and state.step % params.ckpt_every == 0)
+    finished = state.step >= run.total_steps
+    reporting = due or finished or validating or state.step % max(params.log_every, 1) == 0
+    if not (reporting or now - run.synced >= 1.0):
+        run.step_loss.zero_()
+        return False
+    run.synced = now
+    metrics = _step_metrics(run, now)
+    if validating:
+        metrics |= run.hooks.validate()  # type: ignore[misc]
+        _track_best(state, metrics, run.early_stop_metric, params.patience, run.on_best)
+    finished = finished or state.stopped_early
+    state.history.append({"step": float(state.step), **metrics})
+    if reporting or finished:
+        run.hooks.report(metrics, due or finished)
+    _show_progress(run, now, metrics, finished)
+    return finished
+
+
+def _step_metrics(run: _Training, now: float) -> dict[str, float]:
+    """The step's training metrics (the loss read from the device, then reset); a NaN or
+    infinite loss raises ``NonFiniteLoss``."""
+    state, step_loss = run.state, run.step_loss
+    if not math.isfinite(float(step_loss)):
+        raise NonFiniteLoss(
+            f"the training loss is {float(step_loss)} at step {state.step}: lower "
+            "train.lr, or set train.grad_clip (1.0 is a safe value)"
+        )
+    metrics = {
+        "train/loss": float(step_loss),
+        "train/lr": float(run.scheduler.get_last_lr()[0]),
+        "train/cells_per_s": (state.cells - run.cells_at_start) / max(now - run.started, 1e-9),
+        "train/epoch": float(state.epoch),
+    }
+    step_loss.zero_()
+    return metrics
+
+
+def _show_progress(run: _Training, now: float, metrics: dict[str, float], finished: bool) -> None:
+    """The chief's progress feed after a step, and a log line every 10 s, at the first step and
+    at the end."""
+    hooks, state, total_steps = run.hooks, run.state, run.total_steps
+    if hooks.is_chief and hooks.progress is not None:
+        hooks.progress(state.step, total_steps, metrics)
+    if hooks.is_chief and (now - run.window > 10 or finished or state.step == 1):
+        run.window = now
+        eta = (total_steps - state.step) * (now - run.started) / max(state.step, 1)
+        hooks.log(
+            f"step {state.step}/{total_steps} epoch {state.epoch} "
+            f"loss {metrics['train/loss']:.4f} {metrics['train/cells_per_s']:.1f} cells/s "
+            f"ETA {eta / 60:.1f} min"
+            + "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+        )
 
 
 def _track_best(
