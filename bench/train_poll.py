@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(
                 [sys.executable, __file__, "--runs", str(args.runs), "--child", work],
                 env=env,
+                cwd=work,  # MLflow's artifacts go beside its database, not into the repo
                 capture_output=True,
                 text=True,
                 timeout=1800,
