@@ -74,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="train-poll-") as work:
             env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}
             done = subprocess.run(
-                [sys.executable, __file__, "--runs", str(args.runs), "--child", work],
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--runs",
+                    str(args.runs),
+                    "--child",
+                    work,
+                ],
                 env=env,
                 cwd=work,  # MLflow's artifacts go beside its database, not into the repo
                 capture_output=True,
