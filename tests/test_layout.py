@@ -166,3 +166,20 @@ def test_the_old_paths_that_logged_models_pickled_still_resolve() -> None:
         ("scbert_platform.preprocess\nPreprocessing", Preprocessing),
     ]:
         assert pickle.loads(f"c{old}\n.".encode()) is new  # GLOBAL: what an old pickle holds
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name that starts with ``_`` is its module's own: another module that needs it gets a
+    public name instead (``from x import _helper`` is how private helpers leaked before)."""
+    leaked = set()
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            if node.module.split(".")[0] in PACKAGES.values():
+                leaked |= {
+                    (module, f"{node.module}.{alias.name}")
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                }
+    assert leaked == set()
