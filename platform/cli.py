@@ -570,6 +570,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
+    _add_ingest(verbs)
+    _add_training(verbs)
+    _add_cv(verbs)
+    _add_sweep(verbs)
+    _add_registry(verbs)
+    _add_serve(verbs)
+    _add_annotate(verbs)
+    _add_explain(verbs)
+    _add_fetch_and_pass_through(verbs)
+    for verb, sub in verbs.choices.items():
+        if verb not in PASS_THROUGH:
+            # SUPPRESS: without the flag here, `scbert --verbose VERB` keeps the top-level value
+            sub.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+            )
+    return parser
+
+
+def _add_ingest(verbs: Any) -> None:
+    """``scbert ingest``."""
     ingest = verbs.add_parser(
         "ingest", help="raw counts (.h5ad, 10x .h5/mtx, .loom) -> Parquet cell shards"
     )
@@ -606,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(ingest)
     ingest.set_defaults(run=cmd_ingest)
 
+
+def _add_training(verbs: Any) -> None:
+    """``scbert pretrain`` and ``scbert finetune``."""
     for verb, text in (
         ("pretrain", "masked-reconstruction pretraining on Ray Train, tracked in MLflow"),
         ("finetune", "cell-type fine-tuning on Ray Train, tracked in MLflow"),
@@ -631,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_params_arguments(sub)
         sub.set_defaults(run=cmd_train)
 
+
+def _add_cv(verbs: Any) -> None:
+    """``scbert cv``."""
     cv = verbs.add_parser(
         "cv", help="cross-validation on the shards' folds (Ray Tune trials, MLflow parent run)"
     )
@@ -680,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(cv)
     cv.set_defaults(run=cmd_cv)
 
+
+def _add_sweep(verbs: Any) -> None:
+    """``scbert sweep``."""
     sw = verbs.add_parser(
         "sweep", help="Ray Tune sweep (default: the paper's bin/depth/head/dim grid and lr)"
     )
@@ -692,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(sw)
     sw.set_defaults(run=cmd_sweep)
 
+
+def _add_registry(verbs: Any) -> None:
+    """``scbert register`` and ``scbert promote``."""
     reg = verbs.add_parser("register", help="register a fine-tuning run's model (challenger)")
     reg.add_argument("run_id", help="the MLflow run id of a scbert finetune run")
     reg.add_argument("--name", help="registered model name (default: scbert-<dataset>)")
@@ -704,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(pro)
     pro.set_defaults(run=cmd_promote)
 
+
+def _add_serve(verbs: Any) -> None:
+    """``scbert serve``."""
     srv = verbs.add_parser(
         "serve",
         help="serve a model over HTTP with Ray Serve (run again after promote: rolling update)",
@@ -725,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(srv)
     srv.set_defaults(run=cmd_serve)
 
+
+def _add_annotate(verbs: Any) -> None:
+    """``scbert annotate`` and ``scbert embed``."""
     for verb, text in (
         ("annotate", "cell types, probabilities and embeddings into an .h5ad (offline)"),
         ("embed", "cell embeddings (obsm X_scbert) into an .h5ad; pretrained models too"),
@@ -784,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_params_arguments(sub)
         sub.set_defaults(run=cmd_annotate)
 
+
+def _add_explain(verbs: Any) -> None:
+    """``scbert explain``."""
     exp = verbs.add_parser(
         "explain", help="top genes per cell type by attention (CSV, GMT, heatmap, dot plot)"
     )
@@ -804,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_params_arguments(exp)
     exp.set_defaults(run=cmd_explain)
 
+
+def _add_fetch_and_pass_through(verbs: Any) -> None:
+    """``scbert fetch``, and the verbs whose module parses its own flags (``PASS_THROUGH``)."""
     fetch = verbs.add_parser(
         "fetch", help="write a real dataset that an installed package ships (nothing downloaded)"
     )
@@ -822,13 +866,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=text, add_help=False)
         sub.add_argument("rest", nargs=argparse.REMAINDER)  # filled by parse_args, -h included
         sub.set_defaults(run=run)
-    for verb, sub in verbs.choices.items():
-        if verb not in PASS_THROUGH:
-            # SUPPRESS: without the flag here, `scbert --verbose VERB` keeps the top-level value
-            sub.add_argument(
-                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
-            )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
