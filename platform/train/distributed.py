@@ -1006,12 +1006,8 @@ def _log_test_evaluation(
     ``scbert cv`` aggregates over its folds."""
     import mlflow
 
-    from scbert_platform.train.loop import predict
-    from scbert_platform.train.metrics import (
-        classification_report,
-        confusion_matrix_png,
-        report_markdown,
-    )
+    from scbert_platform.train.loop import predict, score_predictions
+    from scbert_platform.train.metrics import confusion_matrix_png, report_markdown
 
     bundle = load_pretrained(model_dir)
     assert bundle.classes is not None
@@ -1019,9 +1015,7 @@ def _log_test_evaluation(
         shards, params.model.n_bins, split=split, role="test", batch_size=64
     )
     y_true, proba = predict(bundle.model, batches, device=torch.device("cpu"))
-    known = y_true >= 0
-    report = classification_report(y_true[known], proba[known].argmax(-1), bundle.classes)
-    flat = {"test/accuracy": report["accuracy"], "test/macro_f1": report["macro_f1"]}
+    flat, report = score_predictions(y_true, proba, bundle.classes, prefix="test")
     mlflow.log_metrics(flat)
     for label, scores in report["per_class"].items():
         mlflow.log_metric(f"test/f1/{metric_name(label)}", scores["f1"])

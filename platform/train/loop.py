@@ -284,9 +284,17 @@ def evaluate_classifier(
     prefix: str = "val",
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(flat metrics ``{prefix}/accuracy``, ``{prefix}/macro_f1``, full report)."""
+    y_true, proba = predict(model, batches, device=device, precision=precision)
+    return score_predictions(y_true, proba, labels, prefix=prefix)
+
+
+def score_predictions(
+    y_true: np.ndarray, proba: np.ndarray, labels: list[str], *, prefix: str = "val"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``evaluate_classifier``'s scores of predictions already made (cells labelled -1 are
+    skipped): (flat metrics ``{prefix}/accuracy``, ``{prefix}/macro_f1``, full report)."""
     from scbert_platform.train.metrics import classification_report
 
-    y_true, proba = predict(model, batches, device=device, precision=precision)
     known = y_true >= 0
     report = classification_report(y_true[known], proba[known].argmax(-1), labels)
     flat = {f"{prefix}/accuracy": report["accuracy"], f"{prefix}/macro_f1": report["macro_f1"]}
