@@ -117,11 +117,13 @@ class ModelParams(Section):
     # published, which collapses some fine-tuning runs to one class: docs/training.md). Not
     # ScBertConfig's default (relu), which reads checkpoints written before the choice existed.
     head_activation: str = "leaky_relu"
+    head_dropout: float = _architecture("cls_dropout")  # the head's hidden layers (published: 0)
 
     def problems(self) -> list[str]:
         return self._failing(
             [
                 *((key, getattr(self, key) >= 1, "must be >= 1") for key in _POSITIVE_SIZES),
+                ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
                 ("nb_features", self.nb_features >= 0, "must be >= 0 (0: the published count)"),
                 (
                     "gene_embedding",
@@ -151,6 +153,7 @@ class ModelParams(Section):
             nb_features=self.nb_features,
             n_classes=n_classes,
             cls_activation=self.head_activation,
+            cls_dropout=self.head_dropout,
             gene_embedding="gene2vec" if gene2vec else "learned",
             activation_checkpointing=checkpointing,
         )
@@ -243,6 +246,9 @@ class TrainParams(Section):
     collapse_check: bool = True  # fine-tuning: a kept model predicting one class fails the run
     collapse_retries: int = 1  # fine-tuning: runs again with another seed when it collapses
     patience: int = 5  # fine-tuning: validations without a better val macro F1 before stopping
+    # fine-tuning: from this step on, the kept model is the mean of the weights at every
+    # validation (weight averaging, docs/training.md); 0 = the best validation's weights
+    average_from: int = 0
     val_fold: int = 1  # fine-tuning: fold for validation (early stopping, checkpoint choice);
     # -1 = an inner split: val_fraction of the cells outside the test fold, by a seeded hash
     val_fraction: float = 0.1
@@ -302,6 +308,7 @@ class TrainParams(Section):
                 ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
                 ("collapse_retries", self.collapse_retries >= 0, "must be >= 0"),
                 ("patience", self.patience >= 0, "must be >= 0 (0: no early stopping)"),
+                ("average_from", self.average_from >= 0, "must be >= 0 (0: the best validation)"),
                 ("val_fold", self.val_fold >= -1, "must be a fold, or -1 (inner split)"),
                 ("val_fraction", 0 < self.val_fraction < 1, "must be in (0, 1)"),
                 (

@@ -242,12 +242,17 @@ class ScBert(nn.Module):
         assert sums is not None
         return sums[:, :-1]
 
-    def with_cell_type_head(self, n_classes: int, *, activation: str | None = None) -> ScBert:
+    def with_cell_type_head(
+        self, n_classes: int, *, activation: str | None = None, dropout: float | None = None
+    ) -> ScBert:
         """Swap in a fresh cell-type head (n_classes; ``activation``: its per-gene activation,
-        ``ScBertConfig.cls_activation``, unchanged when None) for fine-tuning; returns self."""
+        ``ScBertConfig.cls_activation``, and ``dropout``, ``cls_dropout``, each unchanged when
+        None) for fine-tuning; returns self."""
         change: dict[str, Any] = {"n_classes": n_classes}
         if activation is not None:
             change["cls_activation"] = activation
+        if dropout is not None:
+            change["cls_dropout"] = dropout
         self.config = dataclasses.replace(self.config, **change)
         self.head = CellTypeHead(config=self.config).to(self.token_emb.weight.device)
         return self

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.ray
 def test_a_killed_worker_is_replaced_and_training_resumes(
     ray_local: object, pbmc_shards: Path, workdir: Path
 ) -> None:
-    params = tiny_params(workdir / "runs", workers=2, max_steps=24, ckpt_every=4, log_every=1)
+    params = tiny_params(
+        workdir / "runs", workers=2, max_steps=24, ckpt_every=4, log_every=1, average_from=4
+    )
     workers = workdir / "runs" / "kill" / "workers"  # each worker's rank, pid and start step
     killed: list[int] = []
 
@@ -62,6 +64,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     client, run = mlflow_run(workdir, result.mlflow_run_id)
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert steps == set(range(1, 25))  # nothing lost beyond the last checkpoint
+    # the weight average (train.average_from=4) went on across the restart: the snapshots of
+    # steps 4, 8, ..., 24, the ones before the kill restored from the checkpoint
+    assert result.metrics["val/averaged_snapshots"] == 6
+    assert run.data.metrics["val/averaged_snapshots"] == 6
 
 
 def test_a_stopped_run_is_resumed_by_name(

@@ -17,6 +17,7 @@ from scbert_platform.train.loop import (
     LoopHooks,
     LoopState,
     NonFiniteLoss,
+    add_to_mean,
     build_optimizer,
     evaluate_pretraining,
     pretrain_loss,
@@ -208,6 +209,22 @@ def test_class_weights_are_inverse_frequency_with_mean_one() -> None:
 
     weights = class_weights({"a": 10, "b": 30, "c": 0}, ["a", "b", "c"])
     assert weights.tolist() == pytest.approx([1.5, 0.5, 0.0])
+
+
+def test_weight_averaging_keeps_the_mean_of_the_snapshots() -> None:
+    snapshots = [build_model(tiny_config(), seed=seed).state_dict() for seed in range(3)]
+    mean: dict[str, torch.Tensor] = {}
+    for count, weights in enumerate(snapshots, start=1):
+        add_to_mean(mean, weights, count)
+    for name, value in snapshots[0].items():
+        if value.is_floating_point():
+            expected = torch.stack([s[name] for s in snapshots]).mean(0)
+            assert torch.allclose(mean[name], expected, atol=1e-6), name
+        else:
+            assert torch.equal(mean[name], snapshots[-1][name]), name
+    assert any(not torch.equal(snapshots[0][n], snapshots[1][n]) for n in mean)  # they differ
+    model = build_model(tiny_config())
+    model.load_state_dict(mean)  # a model of the same shape takes it
 
 
 def test_steps_per_epoch() -> None:

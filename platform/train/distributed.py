@@ -42,6 +42,7 @@ from scbert_platform.train.loop import (
     CompiledWithFallback,
     LoopHooks,
     LoopState,
+    add_to_mean,
     build_optimizer,
     class_counts,
     class_weights,
@@ -96,7 +97,11 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
     if config["task"] == "finetune" and source:
         model = _load_init_from(Path(source))  # checked by fit (check_init_from) beforehand
         model.encoder.activation_checkpointing = params.train.activation_checkpointing
-        return model.with_cell_type_head(len(info.labels), activation=params.model.head_activation)
+        return model.with_cell_type_head(
+            len(info.labels),
+            activation=params.model.head_activation,
+            dropout=params.model.head_dropout,
+        )
     cfg = model_config(
         params.model,
         n_genes=info.n_genes,
@@ -142,7 +147,8 @@ class Worker:
         self.optimizer, self.scheduler = build_optimizer(self.model, train)
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1009 + self.rank)
         self.state = LoopState()
-        self.best: dict[str, torch.Tensor] = {}
+        self.best: dict[str, torch.Tensor] = {}  # the best validation's weights
+        self.average: dict[str, torch.Tensor] = {}  # their mean from train.average_from on
         self.validation_cache: list[dict[str, Any]] = []
         self.mlflow = _mlflow_client(config) if self.rank == 0 else None
         self.shard = EpochCache(
@@ -192,6 +198,8 @@ class Worker:
             self.state = restore_training_state(
                 saved, self.optimizer, self.scheduler, self.generator
             )
+            self.best.update(saved.get("best_weights") or {})
+            self.average.update(saved.get("average_weights") or {})
         if self.rank == 0:
             resumed = f"resumed from step {self.state.step} (epoch {self.state.epoch})"
             print(resumed, file=sys.stderr)
@@ -316,11 +324,25 @@ class Worker:
             shared = [metrics]
             torch.distributed.broadcast_object_list(shared, src=0)
             metrics = shared[0]
+        start = self.train.average_from
+        if self.task == "finetune" and start and self.state.step >= start:
+            self.add_to_average()
         return metrics
 
     def keep_best(self) -> None:
         self.best.clear()
         self.best.update({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
+
+    def add_to_average(self) -> None:
+        """The validated weights into the running mean (every rank holds the same weights)."""
+        self.state.averaged += 1
+        add_to_mean(self.average, self.model.state_dict(), self.state.averaged)
+
+    def kept_weights(self) -> dict[str, torch.Tensor] | None:
+        """The weights a finished fine-tuning run keeps: the mean of the validated snapshots
+        (``train.average_from``) when any were taken, else the best validation's, else None (the
+        last step's)."""
+        return self.average or self.best or None
 
     def report(self, metrics: dict[str, float], due: bool) -> None:
         """Metrics to MLflow (rank 0) and Ray Train; with ``due``, a checkpoint too (the kept
@@ -343,13 +365,15 @@ class Worker:
             if self.rank == 0:
                 state = self.state
                 finished = state.step >= self.config["total_steps"] or state.stopped_early
+                kept = training_state(self.optimizer, self.scheduler, state, self.generator)
+                kept |= {"best_weights": self.best, "average_weights": self.average}
                 _write_checkpoint(
                     Path(tmp),
                     self.model,
-                    self.best if (finished and self.best) else None,
+                    self.kept_weights() if finished else None,
                     self.info,
                     self.task,
-                    training_state(self.optimizer, self.scheduler, state, self.generator),
+                    kept,
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)
@@ -908,6 +932,8 @@ def _finish_run(plan: RunPlan, result: Any, run_id: str) -> TrainResult:
             "val/best_macro_f1": loop["best_metric"],
             "val/best_step": float(loop["best_step"]),
         }
+        if loop.get("averaged"):  # the kept model is the weight average (train.average_from)
+            chosen["val/averaged_snapshots"] = float(loop["averaged"])
         mlflow.log_metrics(chosen)
         metrics |= chosen
     if finetune:

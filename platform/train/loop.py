@@ -350,6 +350,7 @@ class LoopState:
     best_step: int = -1
     evals_since_best: int = 0
     stopped_early: bool = False
+    averaged: int = 0  # validated snapshots in the weight average (train.average_from)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -563,6 +564,20 @@ def _track_best(
         state.evals_since_best += 1
         if patience and state.evals_since_best >= patience:
             state.stopped_early = True
+
+
+def add_to_mean(
+    mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], count: int
+) -> None:
+    """``weights`` (a state dict) into ``mean``, the running mean of ``count - 1`` state dicts
+    before it (weight averaging, ``train.average_from``); kept on the CPU in float. A buffer that
+    is not float (a count, an index) keeps its latest value."""
+    for name, value in weights.items():
+        value = value.detach().cpu()
+        if count == 1 or name not in mean or not value.is_floating_point():
+            mean[name] = value.clone()
+        else:
+            mean[name] += (value - mean[name]) / count
 
 
 def steps_per_epoch(n_cells: int, params: TrainParams) -> int:
