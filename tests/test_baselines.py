@@ -21,6 +21,11 @@ def test_baseline_cross_validation_on_real_cells(pbmc_shards: Path, kind: str) -
     assert sum(map(sum, result["confusion_matrix"])) == sum(counts.values())  # every cell once
     assert 0.5 < result["accuracy_mean"] <= 1  # real cell types are learnable from expression
     assert result["accuracy_std"] > 0
+    # its probabilities scored as scBERT's are: ECE and the Unassigned rates at 0.5
+    for fold in result["folds"]:
+        assert 0 <= fold["ece"] <= 1 and 0 < fold["kept"] <= 1
+    assert result["ece_mean"] > 0 and "unassigned_correct_std" in result
+    assert 0 < result["ece_pooled"] < result["ece_mean"]  # more cells: less binning noise
     table = markdown([result])
     assert f"| {kind} | 5 |" in table and "±" in table
 
@@ -34,3 +39,4 @@ def test_unknown_baseline_and_missing_flag_are_errors(pbmc_shards: Path) -> None
     command += ["--baseline", "knn"]  # the baselines alone, in seconds
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "| knn | 5 |" in result.stdout
+    assert "| ECE (all held-out cells) | correct cells Unassigned |" in result.stdout

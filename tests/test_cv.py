@@ -78,7 +78,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert parent.data.metrics["cv/macro_f1"] == pytest.approx(scratch["macro_f1_mean"])
     assert "cv/macro_f1_std" in parent.data.metrics
     assert any(k.startswith("cv/f1/") for k in parent.data.metrics)
-    assert "cv/logreg/macro_f1" in parent.data.metrics
+    assert {"cv/logreg/macro_f1", "cv/logreg/ece"} <= set(parent.data.metrics)  # beside scBERT
     logreg = groups["logreg"]["macro_f1_mean"]  # the only baseline: the best one
     assert parent.data.metrics["cv/baseline_macro_f1"] == pytest.approx(logreg)
     assert parent.data.tags["scbert.cv_best_baseline"] == "logreg"
@@ -89,6 +89,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert "Calibration on the held-out cells" in result.stdout
     assert all(f["ece"] >= 0 and "ece_uncalibrated" in f for f in scratch["folds"])
     assert {"cv/ece", "cv/ece_uncalibrated", "cv/unassigned_correct"} <= set(parent.data.metrics)
+    assert parent.data.metrics["cv/ece_pooled"] == pytest.approx(scratch["ece_pooled"])
     assert scratch["reliability"]["calibrated"] and scratch["reliability"]["uncalibrated"]
     kids = child_runs(workdir, parent)
     assert sorted(k.data.tags["scbert.cv_held_out"] for k in kids) == [

@@ -31,8 +31,10 @@ def rows(directory: Path) -> list[str]:
             ):
                 continue  # the baselines once per task: every report has them on the same folds
             ece = "-"
-            if "ece_mean" in group:
+            if "ece_uncalibrated_mean" in group:
                 ece = f"{group['ece_uncalibrated_mean']:.3f} → {group['ece_mean']:.3f}"
+            elif "ece_mean" in group:  # a baseline: scikit-learn's probabilities as they are
+                ece = f"{group['ece_mean']:.3f}"
             out.append(
                 f"| {task} | {recipe if is_scbert else '(same folds)'} | {group['model']} | "
                 f"{len(group['folds'])} | {_pm(group, 'accuracy')} | {_pm(group, 'macro_f1')} | "

@@ -13,7 +13,7 @@ the confusion matrix still cover every class of ``labels``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,18 @@ def reliability_bins(
                     "accuracy": float(correct[in_bin].mean()),
                 }
             )
+    return out
+
+
+def mean_std(folds: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """``{key}_mean`` and ``{key}_std`` (ddof 1; 0 for one value) over the folds' records, NaNs
+    left out (NaN when all are)."""
+    out = {}
+    for key in keys:
+        values = np.array([f[key] for f in folds], dtype=float)
+        values = values[~np.isnan(values)]
+        out[f"{key}_mean"] = float(values.mean()) if values.size else float("nan")
+        out[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
     return out
 
 
