@@ -183,3 +183,22 @@ def test_no_module_imports_another_modules_private_names() -> None:
                     if alias.name.startswith("_") and not alias.name.startswith("__")
                 }
     assert leaked == set()
+
+
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "bench/dvc.yaml", "bench/quality/dvc.yaml"])
+def test_every_code_dependency_of_a_pipeline_exists(pipeline: str) -> None:
+    """A dependency on the project's code (not on data a stage makes) names a file that is
+    there: after a module moves, `dvc repro` would otherwise fail on the missing path."""
+    import yaml
+
+    folder = (REPO_ROOT / pipeline).parent
+    stages = yaml.safe_load((REPO_ROOT / pipeline).read_text())["stages"]
+    deps = [
+        dep
+        for stage in stages.values()
+        for dep in stage.get("do", stage).get("deps", [])
+        if isinstance(dep, str) and dep.endswith(".py")
+    ]
+    assert deps, pipeline
+    missing = [dep for dep in deps if not (folder / dep).is_file()]
+    assert missing == [], f"{pipeline}: {missing}"
