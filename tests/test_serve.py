@@ -603,6 +603,8 @@ def test_prometheus_metrics_are_scraped(service: Service) -> None:
         lambda t: (
             sample(t, "ray_scbert_unassigned_total", model_version="1") >= 30
             and sample(t, "ray_scbert_requests_total", status="422") > 0
+            # a gauge set once per replica: exported at Ray's next metrics report, maybe later
+            and sample(t, "ray_scbert_model_info", model_name=MODEL, model_version="1") >= 1
         ),
     )
     assert sample(text, "ray_scbert_requests_total", route="/v1/annotate", status="200") >= 3
