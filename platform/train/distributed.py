@@ -46,6 +46,7 @@ from scbert_platform.train.loop import (
     build_optimizer,
     class_counts,
     class_weights,
+    cpu_copy,
     evaluate_classifier,
     evaluate_pretraining,
     finetune_loss,
@@ -330,8 +331,7 @@ class Worker:
         return metrics
 
     def keep_best(self) -> None:
-        self.best.clear()
-        self.best.update({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
+        self.best = cpu_copy(self.model.state_dict())
 
     def add_to_average(self) -> None:
         """The validated weights into the running mean (every rank holds the same weights)."""
@@ -345,8 +345,9 @@ class Worker:
         return self.average or self.best or None
 
     def report(self, metrics: dict[str, float], due: bool) -> None:
-        """Metrics to MLflow (rank 0) and Ray Train; with ``due``, a checkpoint too (the kept
-        best weights once the run has finished)."""
+        """Metrics to MLflow (rank 0) and Ray Train; with ``due``, a checkpoint too: the model,
+        and the best and averaged weights for a resume; once the run has finished, the model is
+        the kept weights (``kept_weights``)."""
         import ray.train
 
         if self.mlflow is not None:
@@ -365,15 +366,15 @@ class Worker:
             if self.rank == 0:
                 state = self.state
                 finished = state.step >= self.config["total_steps"] or state.stopped_early
-                kept = training_state(self.optimizer, self.scheduler, state, self.generator)
-                kept |= {"best_weights": self.best, "average_weights": self.average}
+                resume = training_state(self.optimizer, self.scheduler, state, self.generator)
+                resume |= {"best_weights": self.best, "average_weights": self.average}
                 _write_checkpoint(
                     Path(tmp),
                     self.model,
                     self.kept_weights() if finished else None,
                     self.info,
                     self.task,
-                    kept,
+                    resume,
                 )
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)
@@ -388,7 +389,7 @@ def _write_checkpoint(
     state: dict[str, Any],
 ) -> None:
     if weights is not None:
-        current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        current = cpu_copy(model.state_dict())
         model.load_state_dict(weights)
     classes = info.labels if task == "finetune" else None  # the model's: its data's labels
     save_pretrained(model, directory / MODEL_DIR, panel=info.panel, classes=classes)

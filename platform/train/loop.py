@@ -566,18 +566,28 @@ def _track_best(
             state.stopped_early = True
 
 
+def cpu_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors, detached and copied to the CPU: weights kept aside while training
+    goes on (the best validation's, the model's own while a checkpoint is written)."""
+    return {name: value.detach().cpu().clone() for name, value in weights.items()}
+
+
 def add_to_mean(
     mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], count: int
 ) -> None:
     """``weights`` (a state dict) into ``mean``, the running mean of ``count - 1`` state dicts
-    before it (weight averaging, ``train.average_from``); kept on the CPU in float. A buffer that
-    is not float (a count, an index) keeps its latest value."""
+    before it (weight averaging, ``train.average_from``); kept on the CPU, each tensor in its own
+    dtype. A buffer that is not float (a count, an index) keeps its latest value."""
+    if count == 1:
+        mean.clear()
+        mean.update(cpu_copy(weights))
+        return
     for name, value in weights.items():
         value = value.detach().cpu()
-        if count == 1 or name not in mean or not value.is_floating_point():
-            mean[name] = value.clone()
-        else:
+        if name in mean and value.is_floating_point():
             mean[name] += (value - mean[name]) / count
+        else:
+            mean[name] = value.clone()
 
 
 def steps_per_epoch(n_cells: int, params: TrainParams) -> int:
