@@ -26,16 +26,20 @@ $(STAMP): pyproject.toml
 # test-fold cells, the CV run registered and promoted in the MLflow registry, and the champion
 # served over HTTP annotating every ingested cell.
 # A fresh clone has the sweep and cv stages' reports (committed), so DVC finds those stages up to
-# date, but not the MLflow runs behind them, which the registry step needs: --tracked checks, and
-# the two stages run again when their runs are not in this machine's MLflow.
+# date, but not the MLflow runs behind them, which the registry step needs: --tracked names the
+# stages whose runs are not in this machine's MLflow, and only those run again (a stage that
+# dvc repro has just run has its run here already).
 # Output: DVC's header per stage, each verb's progress and results, then the demo's own stages and
 # a summary block (SCBERT_VERBOSE=1 make demo shows Ray's worker output too).
 demo: setup
 	@echo "== the pipeline: dvc repro (dvc.yaml) =="
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	@$(PY) -m scbert_platform.demo --tracked reports/sweep.json reports/cv.json || { \
-		echo "== sweep and cv again: their MLflow runs are needed for the registry =="; \
-		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item sweep cv; }
+	@stages="$$($(PY) -m scbert_platform.demo --tracked reports/sweep.json reports/cv.json)" \
+		|| exit 1; \
+	if [ -n "$$stages" ]; then \
+		echo "== $$stages again: the MLflow runs behind their reports are needed for the registry =="; \
+		PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --force --single-item $$stages; \
+	fi
 	@$(PY) -m scbert_platform.demo --cells-dir data/cells/pbmc68k --model data/models/finetune \
 		--sweep-report reports/sweep.md --cv-report reports/cv.json --serve
 

@@ -48,10 +48,8 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.tracked:
-        missing = [report for report in args.tracked if not tracked(Path(report))]
-        for report in missing:
-            print(f"{report}: its MLflow run is not in this machine's tracking store")
-        raise SystemExit(1 if missing else 0)
+        print(" ".join(untracked_stages(args.tracked)))
+        return
     keep_freed_memory()  # large intermediates reused, not re-faulted (docs/model.md)
     from scbert_platform.console import header, quiet_libraries
 
@@ -94,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         "--tracked",
         nargs="+",
         metavar="REPORT",
-        help="only check that each report's MLflow run is in this machine's tracking store "
-        "(exit 1 if not: the stage that wrote it must run again here)",
+        help="only check that each report's MLflow run is in this machine's tracking store, "
+        "and print the stages that must run again here (a report's stage: its file's stem)",
     )
     return parser
 
@@ -212,6 +210,21 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
     )
     for true, guess, p in zip(truth, predicted, proba.max(dim=1).values.tolist(), strict=True):
         print(f"  {'ok ' if true == guess else 'x  '}{true:30} -> {guess} ({p:.2f})")
+
+
+def untracked_stages(reports: list[str]) -> list[str]:
+    """The stages (each report's file stem: ``reports/cv.json`` is the ``cv`` stage's) whose
+    report names no MLflow run of this machine's tracking store; each is named on stderr."""
+    import sys
+
+    stages = []
+    for report in map(Path, reports):
+        if not tracked(report):
+            print(
+                f"{report}: its MLflow run is not in this machine's tracking store", file=sys.stderr
+            )
+            stages.append(report.stem)
+    return stages
 
 
 def tracked(report: Path) -> bool:

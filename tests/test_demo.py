@@ -42,9 +42,11 @@ def test_demo_annotates_test_fold_cells(pbmc_shards, tmp_path, capsys) -> None: 
     assert len(lines) == 9 and all(" -> " in line for line in lines[1:])
 
 
-def test_tracked_tells_a_fresh_clone_to_rerun_the_reporting_stages(workdir: Path) -> None:
-    """A clone has the committed reports but not the MLflow runs behind them (make demo then
-    reruns the sweep and cv stages)."""
+def test_tracked_tells_a_fresh_clone_to_rerun_the_reporting_stages(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clone has the committed reports but not the MLflow runs behind them: make demo reruns
+    the stages --tracked names, and only those (a stage dvc repro has just run has its run)."""
     import json
 
     from conftest import finetuned_run
@@ -57,6 +59,10 @@ def test_tracked_tells_a_fresh_clone_to_rerun_the_reporting_stages(workdir: Path
     assert not tracked(report)  # a run of another machine
     report.write_text(json.dumps({"mlflow_run_id": finetuned_run(workdir, 0.5)}))
     assert tracked(report)
-    with pytest.raises(SystemExit) as exit_code:
-        main(["--tracked", str(report), str(workdir / "sweep.json")])
-    assert exit_code.value.code == 1
+    capsys.readouterr()
+    main(["--tracked", str(workdir / "sweep.json"), str(report)])
+    out, err = capsys.readouterr()
+    assert out == "sweep\n"  # the stage of the report without a run here; cv's run is here
+    assert "sweep.json: its MLflow run is not in this machine's tracking store" in err
+    main(["--tracked", str(report)])
+    assert capsys.readouterr().out == "\n"  # nothing to run again
