@@ -109,7 +109,7 @@ SUMMARY_METRICS = (
     "train/loss",
     "val/loss",
     "val/masked_acc",
-    "val/best_macro_f1",
+    "val/kept_macro_f1",
     "test/accuracy",
     "test/macro_f1",
 )

@@ -68,6 +68,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     # steps 4, 8, ..., 24, the ones before the kill restored from the checkpoint
     assert result.metrics["val/averaged_snapshots"] == 6
     assert run.data.metrics["val/averaged_snapshots"] == 6
+    # the kept model (that average) scored on the validation cells after training: the score a
+    # sweep or cv ranks the run by, which no validation step gave
+    assert 0.0 <= run.data.metrics["val/kept_macro_f1"] <= 1.0
+    assert "val/kept_accuracy" in run.data.metrics
 
 
 def test_a_stopped_run_is_resumed_by_name(

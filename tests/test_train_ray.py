@@ -35,6 +35,9 @@ def test_finetune_on_two_workers_is_tracked_in_mlflow(
     assert {"val/macro_f1", "test/accuracy", "test/macro_f1"} <= set(result.metrics)
     assert result.metrics["val/best_macro_f1"] >= result.metrics["val/macro_f1"]
     assert result.metrics["val/best_step"] in (4.0, 8.0)
+    # without train.average_from the kept model is the best step's: scored again after
+    # training, on the same validation cells, it scores the same
+    assert result.metrics["val/kept_macro_f1"] == pytest.approx(result.metrics["val/best_macro_f1"])
 
     client, run = mlflow_run(workdir, result.mlflow_run_id)
     assert run.data.params["train.workers"] == "2"

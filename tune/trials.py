@@ -122,11 +122,22 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         extra_config={"pg_file": str(storage / trial_id / PLACEMENT_GROUPS_FILE)},
     )
     final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
-    if "val/best_macro_f1" in final:  # the kept model's validation score
-        final["val/macro_f1"] = final["val/best_macro_f1"]
+    kept = kept_validation_score(final)
+    if kept is not None:  # the trial's score is its kept model's, not its last step's
+        final["val/macro_f1"] = kept
     final |= {"steps": result.steps, "done_training": 1}
     log_event(context["events"], trial_id, "end", mlflow_run_id=result.mlflow_run_id)
     ray.tune.report(final)
+
+
+def kept_validation_score(metrics: dict[str, Any]) -> float | None:
+    """The validation macro F1 of the model a fine-tuning run kept: scored after training
+    (``val/kept_macro_f1``; with ``train.average_from`` an average of snapshots), else that of
+    the best validation step (a run logged before the kept model was scored), else None."""
+    for key in ("val/kept_macro_f1", "val/best_macro_f1"):
+        if metrics.get(key) is not None:
+            return float(metrics[key])
+    return None
 
 
 def log_event(path: str | Path, trial_id: str, event: str, **extra: Any) -> None:

@@ -973,8 +973,10 @@ def calibrate_and_check(
     caller tags its run with the reason. Otherwise, with ``train.calibrate``, temperature scaling is
     fitted on the validation cells and folded into the head's last layer (logits / T, so every
     inference path applies it) and recorded in ``calibration.json`` beside the weights.
-    Returns the validation ECE before and after, and the temperature."""
-    from scbert_platform.train.loop import fit_temperature, predict
+    Returns the kept model's validation accuracy and macro F1 (``val/kept_*``: with
+    ``train.average_from`` the kept model is an average that no validation during training
+    scored), the validation ECE before and after, and the temperature."""
+    from scbert_platform.train.loop import fit_temperature, predict, score_predictions
     from scbert_platform.train.metrics import expected_calibration_error
 
     bundle = load_pretrained(model_dir)
@@ -997,8 +999,13 @@ def calibrate_and_check(
             )
         )
         raise CollapsedRun(f"the kept model predicts {what}")
+    _, kept = score_predictions(y_val, proba, bundle.classes)
     ece_before = expected_calibration_error(proba, y_val)
-    out = {"val/ece_uncalibrated": ece_before}
+    out = {
+        "val/kept_accuracy": kept["accuracy"],
+        "val/kept_macro_f1": kept["macro_f1"],
+        "val/ece_uncalibrated": ece_before,
+    }
     if not params.train.calibrate:
         return out | {"val/ece": ece_before}
     logits = np.log(np.clip(proba, 1e-30, None))
