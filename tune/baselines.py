@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from scbert.config import UNASSIGNED_THRESHOLD
+
 BASELINES = ("logreg", "knn")
 
 
@@ -55,7 +57,7 @@ SCORES = ("accuracy", "macro_f1", "ece", "kept", "accuracy_kept", "unassigned_co
 
 
 def cross_validate(
-    shards: str | Path, kind: str, *, seed: int = 0, threshold: float = 0.5
+    shards: str | Path, kind: str, *, seed: int = 0, threshold: float = UNASSIGNED_THRESHOLD
 ) -> dict[str, Any]:
     """Per-fold and summary metrics of a baseline over the shards' folds: accuracy, macro F1, and
     the calibration of its probabilities as scBERT's are scored (ECE; at ``threshold``, the cells
