@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,6 @@ def run_on_shards(directory: str, model_dir: str, *, n_cells: int, fold: int = 0
 def untracked_stages(reports: list[str]) -> list[str]:
     """The stages (each report's file stem: ``reports/cv.json`` is the ``cv`` stage's) whose
     report names no MLflow run of this machine's tracking store; each is named on stderr."""
-    import sys
-
     stages = []
     for report in map(Path, reports):
         if not tracked(report):

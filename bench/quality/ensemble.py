@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scbert_platform.train.metrics import classification_report, mean_std
+from scbert_platform.train.loop import score_predictions
+from scbert_platform.train.metrics import mean_std
 
 
 def fold_predictions(report: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -39,9 +40,8 @@ def ensemble_scores(members: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> 
     folds = []
     for fold, (y_true, _) in members[0].items():
         proba = np.mean([m[fold][1] for m in members], axis=0)
-        known = y_true >= 0
         labels = [str(i) for i in range(proba.shape[1])]
-        folds.append(classification_report(y_true[known], proba[known].argmax(1), labels))
+        folds.append(score_predictions(y_true, proba, labels)[1])
     return mean_std(folds, ("accuracy", "macro_f1"))
 
 
