@@ -26,6 +26,11 @@ def test_baseline_cross_validation_on_real_cells(pbmc_shards: Path, kind: str) -
         assert 0 <= fold["ece"] <= 1 and 0 < fold["kept"] <= 1
     assert result["ece_mean"] > 0 and "unassigned_correct_std" in result
     assert 0 < result["ece_pooled"] < result["ece_mean"]  # more cells: less binning noise
+    # each class's F1 over the folds that test it: a class with cells in every fold (all here)
+    # gets the mean of its five F1s, within the range of the folds' macro F1s' classes
+    assert set(result["per_class_f1"]) == set(result["labels"])
+    assert all(0 <= f1 <= 1 for f1 in result["per_class_f1"].values())
+    assert max(result["per_class_f1"].values()) > result["macro_f1_mean"]
     table = markdown([result])
     assert f"| {kind} | 5 |" in table and "±" in table
 

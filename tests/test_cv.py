@@ -55,6 +55,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert f"| scBERT (from scratch) | {N_FOLDS} |" in result.stdout
     assert f"| logreg | {N_FOLDS} |" in result.stdout
     assert "Per-class F1" in result.stdout and "CD14+ Monocyte" in result.stdout
+    assert "| cell type | scBERT (from scratch) | logreg |" in result.stdout  # side by side
     # the study's bar as plain lines (no terminal), not Tune's tables or the workers' output
     assert f"cv trials: {N_FOLDS}/{N_FOLDS} trials (100%)" in result.stderr
     assert "failed 0" in result.stderr

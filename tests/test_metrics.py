@@ -18,6 +18,7 @@ from scbert_platform.train.metrics import (
     confusion_matrix_png,
     masked_token_accuracy,
     masked_token_counts,
+    mean_per_class_f1,
     report_markdown,
 )
 
@@ -213,3 +214,14 @@ def test_report_markdown_lists_every_class() -> None:
     assert lines[-1] == (
         "accuracy 0.7500, macro F1 0.8889, weighted F1 0.8333 over 4 cells (1 unassigned)"
     )
+
+
+def test_per_class_f1_is_averaged_over_the_folds_that_test_the_class() -> None:
+    labels = ["B", "T", "NK"]
+    fold_a = classification_report([0, 0, 1, 1], [0, 0, 1, 0], labels)  # no NK cell tested
+    fold_b = classification_report([0, 1, 2], [0, 1, 1], labels)  # NK tested, never called
+    f1 = mean_per_class_f1([fold_a, fold_b])
+    assert f1["B"] == pytest.approx((0.8 + 1.0) / 2)
+    assert f1["T"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert f1["NK"] == 0.0  # only fold b tests it: its 0, not a mean with fold a's empty 0
+    assert mean_per_class_f1([fold_a]) == {"B": 0.8, "T": pytest.approx(2 / 3)}  # NK untested

@@ -59,19 +59,21 @@ SCORES = ("accuracy", "macro_f1", "ece", "kept", "accuracy_kept", "unassigned_co
 def cross_validate(
     shards: str | Path, kind: str, *, seed: int = 0, threshold: float = UNASSIGNED_THRESHOLD
 ) -> dict[str, Any]:
-    """Per-fold and summary metrics of a baseline over the shards' folds: accuracy, macro F1, and
+    """Per-fold and summary metrics of a baseline over the shards' folds: accuracy, macro F1,
+    each class's F1 (averaged over the folds that test it, as ``scbert cv`` does for scBERT), and
     the calibration of its probabilities as scBERT's are scored (ECE; at ``threshold``, the cells
     kept, their accuracy, and the Unassigned rate among correctly and wrongly called cells)."""
     from scbert_platform.train.metrics import (
         classification_report,
         expected_calibration_error,
+        mean_per_class_f1,
         mean_std,
         selective_scores,
     )
 
     x, y, folds, names = load_cells(shards)
     labelled = y >= 0
-    per_fold, pooled = [], []
+    per_fold, pooled, reports = [], [], []
     confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     for fold in sorted(set(folds[labelled].tolist())):
         train = labelled & (folds != fold)
@@ -81,6 +83,7 @@ def cross_validate(
         proba[:, model.classes_] = model.predict_proba(x[test])  # a class absent: probability 0
         report = classification_report(y[test], proba.argmax(axis=1), names)
         pooled.append((proba, y[test]))
+        reports.append(report)
         confusion += np.asarray(report["confusion_matrix"])
         per_fold.append(
             {
@@ -97,6 +100,7 @@ def cross_validate(
         "ece_pooled": expected_calibration_error(all_proba, all_y),  # every tested cell at once
         "confusion_matrix": confusion.tolist(),
         "labels": names,
+        "per_class_f1": mean_per_class_f1(reports),
     }
 
 

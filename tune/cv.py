@@ -418,6 +418,7 @@ def _group_summary(
     model with the best validation macro F1 (``chosen``)."""
     from scbert_platform.train.metrics import (
         expected_calibration_error,
+        mean_per_class_f1,
         mean_std,
         reliability_bins,
     )
@@ -425,16 +426,14 @@ def _group_summary(
     members.sort(key=lambda e: str(e["held_out"]))
     labels = members[0]["labels"]
     confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    folds, per_class_f1 = [], {label: [] for label in labels}
+    folds, reports = [], []
     pooled_cal: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for e in members:
         fold, report, calibrated = _fold_scores(e, labels)
         confusion += np.asarray(report["confusion_matrix"])
         if calibrated is not None:
             pooled_cal.append(calibrated)
-        for label, scores in report["per_class"].items():
-            if scores["support"] > 0:
-                per_class_f1[label].append(scores["f1"])
+        reports.append(report)
         folds.append(fold)
     summary: dict[str, Any] = {
         "model": variant,
@@ -442,7 +441,7 @@ def _group_summary(
         "folds": folds,
         "labels": labels,
         "confusion_matrix": confusion.tolist(),
-        "per_class_f1": {k: float(np.mean(v)) for k, v in per_class_f1.items() if v},
+        "per_class_f1": mean_per_class_f1(reports),
     }
     keys = ["accuracy", "macro_f1"]
     if pooled_cal:
@@ -516,13 +515,13 @@ def _baselines(
     for kind in kinds:
         result = baseline_cv(shards, kind, seed=seed, threshold=threshold)
         result["group"] = "all"
-        result["per_class_f1"] = {}
         out.append(result)
     return out
 
 
 def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: float) -> str:
-    """The CV table (mean ± std over the folds), and per-class F1 of the scBERT models."""
+    """The CV table (mean ± std over the folds), and per-class F1 of the scBERT models beside the
+    baselines'."""
     novel = protocol == "novel-type"
     head = ["model", "" if protocol == "folds" else "group", "folds", "accuracy", "macro F1"]
     if novel:
@@ -537,18 +536,18 @@ def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: floa
             cells += [_pm(g, "known_accuracy"), _pm(g, "novel_accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _calibration_markdown(groups, protocol, threshold)
-    scbert = [g for g in groups if g["per_class_f1"]]
-    if scbert:
+    scored = [g for g in groups if g.get("per_class_f1")]  # scBERT's groups and the baselines
+    if scored:
         lines += ["", "Per-class F1 (mean over the folds where the type is tested):", ""]
         names = [
-            f"{g['model']}" + ("" if protocol == "folds" else f" {g['group']}") for g in scbert
+            f"{g['model']}" + ("" if protocol == "folds" else f" {g['group']}") for g in scored
         ]
         lines.append("| cell type | " + " | ".join(names) + " |")
         lines.append("| --- |" + " ---: |" * len(names))
-        for label in scbert[0]["labels"]:
+        for label in scored[0]["labels"]:
             row = [
                 f"{g['per_class_f1'][label]:.3f}" if label in g["per_class_f1"] else "-"
-                for g in scbert
+                for g in scored
             ]
             lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -674,13 +673,14 @@ def _write_reports(folder: Path, groups: list[dict[str, Any]], text: str) -> Non
     """``cv_report.md``, ``cv_results.json``, a confusion matrix per scBERT group and a
     reliability diagram per calibrated group, in ``folder``."""
     from scbert_platform.train.metrics import confusion_matrix_png, reliability_png
+    from scbert_tune.baselines import BASELINES
 
     files = {"cv_report.md": text + "\n"}
     results = [{k: v for k, v in g.items() if k != "chosen"} for g in groups]
     files["cv_results.json"] = json.dumps(results, indent=2, default=float) + "\n"
     for name, content in files.items():
         (folder / name).write_text(content)
-    for i, g in enumerate(x for x in groups if x["per_class_f1"]):
+    for i, g in enumerate(x for x in groups if x["model"] not in BASELINES):
         png = folder / ("confusion_matrix.png" if i == 0 else f"confusion_matrix_{i}.png")
         confusion_matrix_png(
             g["confusion_matrix"],

@@ -143,6 +143,17 @@ def mean_std(folds: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, floa
     return out
 
 
+def mean_per_class_f1(reports: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Each class's F1 averaged over the reports (folds) that test it (support > 0); a class no
+    fold tests is left out."""
+    scores: dict[str, list[float]] = {}
+    for report in reports:
+        for label, row in report["per_class"].items():
+            if row["support"] > 0:
+                scores.setdefault(label, []).append(row["f1"])
+    return {label: float(np.mean(values)) for label, values in scores.items()}
+
+
 def selective_scores(proba: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, float]:
     """At ``threshold`` (a cell is Unassigned below it): the share of cells kept, accuracy on the
     kept cells, and the Unassigned rate among the cells the top class gets right and wrong."""
