@@ -242,6 +242,9 @@ class TrainParams(Section):
     class_weights: bool = False  # fine-tuning: inverse-frequency class weights in the loss
     loss: str = "ce"  # fine-tuning: ce | focal | ldam_drw (docs/training.md, "Losses")
     label_smoothing: float = 0.0  # fine-tuning: cross-entropy label smoothing (ce only)
+    # fine-tuning augmentation: each expressed gene of a training cell reads as not detected
+    # with this probability, drawn anew every step (docs/training.md); 0 = off
+    gene_dropout: float = 0.0
     calibrate: bool = True  # fine-tuning: temperature scaling fitted on the validation split
     collapse_check: bool = True  # fine-tuning: a kept model predicting one class fails the run
     collapse_retries: int = 1  # fine-tuning: runs again with another seed when it collapses
@@ -306,6 +309,7 @@ class TrainParams(Section):
                 ("unfreeze", unfreeze_ok, "must be published, all or last_k:N"),
                 ("loss", self.loss in LOSSES, _one_of(LOSSES)),
                 ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+                ("gene_dropout", 0 <= self.gene_dropout < 1, "must be in [0, 1)"),
                 ("collapse_retries", self.collapse_retries >= 0, "must be >= 0"),
                 ("patience", self.patience >= 0, "must be >= 0 (0: no early stopping)"),
                 ("average_from", self.average_from >= 0, "must be >= 0 (0: the best validation)"),

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     )
     from scbert.config import ScBertConfig
     from scbert.embedding import load_gene2vec_npy, load_gene2vec_text
-    from scbert.masking import IGNORE_INDEX, mask_tokens
+    from scbert.masking import IGNORE_INDEX, drop_genes, mask_tokens
     from scbert.model import UNASSIGNED, ScBert, assign_cell_types
     from scbert.tokens import bin_values, mask_token_id, tokenize, vocab_size
 
@@ -35,6 +35,7 @@ _SOURCES = {
     "SelfAttention": "scbert.attention",
     "assign_cell_types": "scbert.model",
     "bin_values": "scbert.tokens",
+    "drop_genes": "scbert.masking",
     "export_published": "scbert.checkpoint",
     "favor_attention": "scbert.attention",
     "load_gene2vec_npy": "scbert.embedding",
@@ -58,6 +59,7 @@ __all__ = [
     "SelfAttention",
     "assign_cell_types",
     "bin_values",
+    "drop_genes",
     "export_published",
     "favor_attention",
     "load_gene2vec_npy",

@@ -42,3 +42,19 @@ def mask_tokens(
     masked = tokens.masked_fill(chosen & replace, mask_token_id(n_bins))
     labels = tokens.masked_fill(~chosen, IGNORE_INDEX)
     return masked, labels
+
+
+def drop_genes(
+    tokens: torch.Tensor, *, n_bins: int, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Fine-tuning augmentation: each expressed gene (token 1..n_bins) reads as not detected
+    (token 0) with probability ``p``, independently per cell, as a dropout event of the assay
+    would. The appended position, mask tokens and zeros are left as they are; ``tokens`` (b, n)
+    is not modified. ``p`` 0 returns ``tokens`` itself."""
+    if not 0 <= p < 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    if p == 0:
+        return tokens
+    expressed = (tokens >= 1) & (tokens <= n_bins)
+    dropped = torch.rand(tokens.shape, generator=generator, device=tokens.device) < p
+    return tokens.masked_fill(expressed & dropped, 0)

@@ -171,6 +171,7 @@ def test_importing_params_does_not_import_torch() -> None:
         ("train:\n  unfreeze: some\n", r"train\.unfreeze must be published, all or last_k:N"),
         ("train:\n  precision: fp16\n", r"train\.precision must be one of auto, fp32, bf16"),
         ("train:\n  label_smoothing: 1.5\n", r"train\.label_smoothing must be in \[0, 1\)"),
+        ("train:\n  gene_dropout: -0.1\n", r"train\.gene_dropout must be in \[0, 1\)"),
         ("train:\n  val_fold: 2\n  test_fold: 2\n", r"train\.test_fold must be -1 or a fold"),
         ("train:\n  warmup_steps: 20\n", r"train\.warmup_steps must be < train\.first_cycle"),
         ("model:\n  gene_embedding: none\n", r"model\.gene_embedding must be one of gene2vec"),

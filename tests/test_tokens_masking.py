@@ -12,6 +12,7 @@ from scbert import (
     IGNORE_INDEX,
     ScBertConfig,
     bin_values,
+    drop_genes,
     mask_token_id,
     mask_tokens,
     tokenize,
@@ -192,3 +193,25 @@ def test_mask_never_chooses_mask_tokens_in_the_input() -> None:
     tokens[0, :5] = MASK
     _, labels = run_mask(tokens, 4)
     assert not (labels[0, :5] != IGNORE_INDEX).any()
+
+
+def test_gene_dropout_zeroes_about_p_of_the_expressed_genes_and_nothing_else() -> None:
+    n_bins = 5
+    tokens = torch.randint(0, n_bins + 1, (64, 400), generator=torch.Generator().manual_seed(1))
+    tokens[:, :50] = 0  # not detected: stays 0
+    tokens[:, 50:60] = mask_token_id(n_bins)  # a mask token is not an expression value
+    tokens[:, -1] = 0  # the appended position
+    before = tokens.clone()
+    out = drop_genes(tokens, n_bins=n_bins, p=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, before)  # the input is not modified
+    changed = out != tokens
+    assert (out[changed] == 0).all()  # a dropped gene reads as not detected, nothing else
+    assert not changed[:, :60].any()  # zeros and mask tokens are left as they are
+    expressed = (tokens >= 1) & (tokens <= n_bins)
+    rate = changed.sum().item() / expressed.sum().item()
+    assert rate == pytest.approx(0.2, abs=0.02)  # ~17,000 expressed tokens
+    again = drop_genes(tokens, n_bins=n_bins, p=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # reproducible from the generator
+    assert drop_genes(tokens, n_bins=n_bins, p=0.0, generator=torch.Generator()) is tokens
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        drop_genes(tokens, n_bins=n_bins, p=1.0, generator=torch.Generator())

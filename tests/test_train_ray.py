@@ -114,7 +114,11 @@ def test_a_collapsed_finetune_fails_is_retried_and_logs_no_model(
 def test_pretrain_then_finetune_from_its_checkpoint(
     ray_local: object, pbmc_shards: Path, workdir: Path
 ) -> None:
-    params = tiny_params(workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4)
+    # gene_dropout: fine-tuning's augmentation draws from the worker's generator (pretraining
+    # ignores it)
+    params = tiny_params(
+        workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4, gene_dropout=0.1
+    )
     pretrained = fit("pretrain", pbmc_shards, params, run_name="pt")
     assert pretrained.steps == 4
     assert 0 <= pretrained.metrics["val/masked_acc"] <= 1

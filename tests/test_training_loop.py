@@ -13,6 +13,7 @@ from conftest import build_model, random_tokens, tiny_config
 from scbert_platform.data.loader import ShardInfo, iter_local_batches
 from scbert_platform.params import TrainParams
 from scbert_platform.train.loop import (
+    ClassLoss,
     CompiledWithFallback,
     LoopHooks,
     LoopState,
@@ -20,6 +21,7 @@ from scbert_platform.train.loop import (
     add_to_mean,
     build_optimizer,
     evaluate_pretraining,
+    finetune_loss,
     pretrain_loss,
     restore_training_state,
     run_loop,
@@ -202,6 +204,25 @@ def test_published_freeze_trains_the_last_block_norm_and_head() -> None:
     assert len(set_trainable(model, "all")) == sum(1 for _ in model.parameters())
     with pytest.raises(ValueError, match="unfreeze"):
         set_trainable(model, "some")
+
+
+def test_gene_dropout_changes_the_fine_tuning_input_reproducibly() -> None:
+    model = build_model(tiny_config(n_classes=3)).eval()  # eval: no dropout of the model's own
+    tokens = random_tokens(8, tiny_config().n_genes, 5, seed=2)
+    batch = {"tokens": tokens, "label": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}
+
+    def loss(p: float, seed: int) -> float:
+        generator = torch.Generator().manual_seed(seed)
+        value, _ = finetune_loss(
+            model, batch, loss=ClassLoss(), step=0, device=CPU, gene_dropout=p, n_bins=5,
+            generator=generator,
+        )  # fmt: skip
+        return float(value)
+
+    plain = loss(0.0, 0)
+    assert loss(0.3, 0) != plain  # the model saw other input
+    assert loss(0.3, 0) == loss(0.3, 0) != loss(0.3, 1)  # drawn from the run's generator
+    assert torch.equal(batch["tokens"], tokens)  # the batch itself is not modified
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one() -> None:

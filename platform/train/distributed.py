@@ -250,7 +250,14 @@ class Worker:
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> Any:
         if self.criterion is not None:
             return finetune_loss(
-                model, batch, loss=self.criterion, step=self.state.step, device=self.device
+                model,
+                batch,
+                loss=self.criterion,
+                step=self.state.step,
+                device=self.device,
+                gene_dropout=self.train.gene_dropout,
+                n_bins=self.params.model.n_bins,
+                generator=self.generator,
             )
         return pretrain_loss(
             model,

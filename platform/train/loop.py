@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scbert import IGNORE_INDEX, ScBert, ScBertConfig, mask_tokens
+from scbert import IGNORE_INDEX, ScBert, ScBertConfig, drop_genes, mask_tokens
 from scbert_platform.params import LOSSES as LOSSES  # train.loss's names (checked by TrainParams)
 from scbert_platform.params import ModelParams, TrainParams, unfrozen_blocks
 from scbert_platform.train.schedule import make_scheduler
@@ -214,9 +214,17 @@ def finetune_loss(
     loss: ClassLoss,
     step: int,
     device: torch.device,
+    gene_dropout: float = 0.0,
+    n_bins: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Cell-type loss (cells without a known label are ignored)."""
+    """Cell-type loss (cells without a known label are ignored); with ``gene_dropout``, each
+    expressed gene of the batch is first read as not detected with that probability
+    (``scbert.masking.drop_genes``, drawn from ``generator``)."""
     tokens = to_device(batch["tokens"], device)
+    if gene_dropout > 0:
+        assert generator is not None and n_bins > 0, "gene_dropout needs n_bins and a generator"
+        tokens = drop_genes(tokens.long(), n_bins=n_bins, p=gene_dropout, generator=generator)
     labels = to_device(batch["label"], device).long()
     logits = model(tokens)
     return loss(logits.float(), labels, step), {"cells": tokens.shape[0]}
