@@ -19,12 +19,20 @@ Unassigned rate = ``rate(ray_scbert_unassigned_total) / rate(ray_scbert_cells_an
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Any
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 CELL_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 REQUEST_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+INFO_REFRESH_S = 5.0  # how often a replica sets its model-info gauge again
+
+
+def keep_setting(gauge: Any, tags: dict[str, str], *, every: float, stop: threading.Event) -> None:
+    """Set ``gauge`` to 1 for ``tags`` every ``every`` seconds until ``stop`` is set."""
+    while not stop.wait(every):
+        gauge.set(1, tags=tags)
 
 
 class ServeMetrics:
@@ -77,7 +85,20 @@ class ServeMetrics:
             description="The model this replica serves (value 1).",
             tag_keys=("model_name", "model_version"),
         )
-        info.set(1, tags={"model_name": model_name, "model_version": model_version})
+        tags = {"model_name": model_name, "model_version": model_version}
+        info.set(1, tags=tags)
+        # Ray's metrics agent drops a gauge value that has not been set again within about two
+        # export intervals (Ray 2.60's OpenTelemetry recorder: ~15-20 s here), and a replica
+        # does not re-export an unchanged value: set it again while the replica lives, so the
+        # series stays while it serves and ages out when it dies
+        self.stop_refreshing = threading.Event()
+        threading.Thread(
+            target=keep_setting,
+            args=(info, tags),
+            kwargs={"every": INFO_REFRESH_S, "stop": self.stop_refreshing},
+            name="scbert-model-info",
+            daemon=True,
+        ).start()
 
     def request(self, route: str, status: int, seconds: float) -> None:
         tags = {"route": route, "status": str(status), "model_version": self.version}

@@ -617,6 +617,31 @@ def test_prometheus_metrics_are_scraped(service: Service) -> None:
     assert sample(text, "ray_scbert_model_info", model_name=MODEL, model_version="1") >= 1
 
 
+def test_the_model_info_gauge_is_set_again_while_the_replica_lives() -> None:
+    """Ray's metrics agent drops a gauge value not set again within ~2 export intervals (15-20 s
+    here) and a replica does not re-export an unchanged one: the replica keeps setting it."""
+    from scbert_serve.metrics import keep_setting
+
+    calls: list[tuple[float, dict[str, str]]] = []
+
+    class Gauge:
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            calls.append((value, tags))
+
+    stop = threading.Event()
+    tags = {"model_name": MODEL, "model_version": "1"}
+    every = {"every": 0.01, "stop": stop}
+    worker = threading.Thread(target=keep_setting, args=(Gauge(), tags), kwargs=every)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    worker.join(timeout=5)
+    assert not worker.is_alive()  # it stops when told
+    assert len(calls) >= 3 and set(map(str, calls)) == {str((1, tags))}
+
+
 class Load:
     """A bounded closed-loop client: ``threads`` loops posting ``body`` until stopped (or
     ``max_seconds``); records each status and the model version that answered."""
