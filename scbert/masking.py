@@ -28,7 +28,7 @@ def mask_tokens(
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (n_cells, n_positions), got {tuple(tokens.shape)}")
-    eligible = (tokens >= 1) & (tokens <= n_bins)
+    eligible = _expressed(tokens, n_bins)
     # float64 with a small tolerance so that e.g. 0.15 * 20 gives 3, not 4
     n_chosen = torch.ceil(eligible.sum(dim=1, dtype=torch.float64) * mask_prob - 1e-9)  # (b,)
     scores = torch.rand(tokens.shape, generator=generator, device=tokens.device)
@@ -55,6 +55,11 @@ def drop_genes(
         raise ValueError(f"p must be in [0, 1), got {p}")
     if p == 0:
         return tokens
-    expressed = (tokens >= 1) & (tokens <= n_bins)
     dropped = torch.rand(tokens.shape, generator=generator, device=tokens.device) < p
-    return tokens.masked_fill(expressed & dropped, 0)
+    return tokens.masked_fill(_expressed(tokens, n_bins) & dropped, 0)
+
+
+def _expressed(tokens: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Where a token is an expression bin (1..n_bins): not 0 (not detected, or the appended
+    position) and not the mask token."""
+    return (tokens >= 1) & (tokens <= n_bins)
