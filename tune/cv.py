@@ -536,7 +536,7 @@ def report_markdown(groups: list[dict[str, Any]], protocol: str, threshold: floa
             cells += [_pm(g, "known_accuracy"), _pm(g, "novel_accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _calibration_markdown(groups, protocol, threshold)
-    scored = [g for g in groups if g.get("per_class_f1")]  # scBERT's groups and the baselines
+    scored = [g for g in groups if g["per_class_f1"]]  # scBERT's groups and the baselines
     if scored:
         lines += ["", "Per-class F1 (mean over the folds where the type is tested):", ""]
         names = [
