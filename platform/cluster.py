@@ -40,6 +40,10 @@ SERVE_PROXY_ENV = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "scbert_serve.pr
 # 0.25 s, which took 5-6 s off each short fine-tuning run here (34 -> 28 s, bench/RESULTS.md).
 # Inherited by Ray's processes and passed on by Ray Train to its controller.
 TRAIN_POLL_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a preemption watcher per run (an actor polling Ray for nodes being drained, as
+# a cloud's spot nodes are); a local Ray has none to drain, and the actor's process cost each
+# run ~2.5 CPU-seconds here
+PREEMPTION_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 _session_logs: Path | None = None  # the log folder of the Ray that start_ray last joined
 _started: bool = False  # whether start_ray started that Ray (rather than joined one)
 
@@ -118,6 +122,7 @@ def start_ray(**init: Any) -> float:
             # the raylet, hence Serve's proxy, inherits this process's environment
             os.environ.setdefault(*SERVE_PROXY_ENV)
             os.environ.setdefault(*TRAIN_POLL_ENV)
+            os.environ.setdefault(*PREEMPTION_ENV)
         init.setdefault("log_to_driver", verbose())
         global _started
         _started = local
