@@ -34,6 +34,26 @@ def test_temperature_scaling_recovers_a_known_temperature() -> None:
     assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
     assert fit_temperature(logits[:1], labels[:1]) == 1.0
 
+    # the minimiser of the NLL: no temperature on a fine grid around it does better
+    known = labels >= 0
+    t = fit_temperature(logits, labels)
+
+    def nll(temperature: float) -> float:
+        z = torch.as_tensor(logits[known]) / temperature
+        return float(torch.nn.functional.cross_entropy(z, torch.as_tensor(labels[known])))
+
+    assert all(nll(t) <= nll(t * factor) for factor in np.linspace(0.9, 1.1, 41))
+
+
+def test_temperature_at_the_ends_of_its_range() -> None:
+    """Every cell called right by separable logits: the sharpest temperature searched; logits
+    that point away from the labels: the softest."""
+    from scbert_platform.train.loop import LOG_T_BOUND
+
+    logits = np.eye(3)[[0, 1, 2, 0, 1]] * 5.0
+    assert fit_temperature(logits, np.array([0, 1, 2, 0, 1])) == pytest.approx(np.exp(-LOG_T_BOUND))
+    assert fit_temperature(logits, np.array([1, 2, 0, 2, 0])) == pytest.approx(np.exp(LOG_T_BOUND))
+
 
 def test_ece_and_selective_scores_on_cells_worked_by_hand() -> None:
     proba = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
