@@ -90,12 +90,12 @@ class ServeMetrics:
         # Ray's metrics agent drops a gauge value that has not been set again within about two
         # export intervals (Ray 2.60's OpenTelemetry recorder: ~15-20 s here), and a replica
         # does not re-export an unchanged value: set it again while the replica lives, so the
-        # series stays while it serves and ages out when it dies
-        self.stop_refreshing = threading.Event()
+        # series stays while it serves and ages out when it dies (a daemon thread: it ends with
+        # the replica's process; nothing stops it sooner)
         threading.Thread(
             target=keep_setting,
             args=(info, tags),
-            kwargs={"every": INFO_REFRESH_S, "stop": self.stop_refreshing},
+            kwargs={"every": INFO_REFRESH_S, "stop": threading.Event()},
             name="scbert-model-info",
             daemon=True,
         ).start()

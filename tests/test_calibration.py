@@ -31,12 +31,12 @@ def test_temperature_scaling_recovers_a_known_temperature() -> None:
     p = torch.softmax(torch.as_tensor(logits) / true_t, dim=1).numpy()
     labels = np.array([rng.choice(6, p=row) for row in p])
     labels[:50] = -1  # unlabelled cells are skipped
-    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(true_t, rel=0.1)
     assert fit_temperature(logits[:1], labels[:1]) == 1.0
 
     # the minimiser of the NLL: no temperature on a fine grid around it does better
     known = labels >= 0
-    t = fit_temperature(logits, labels)
 
     def nll(temperature: float) -> float:
         z = torch.as_tensor(logits[known]) / temperature
