@@ -155,6 +155,20 @@ def test_register_needs_a_finetuning_run(workdir: Path) -> None:
         promote("scbert-nothing")
 
 
+def test_every_experiment_keeps_its_artifacts_beside_the_embedded_database(
+    workdir: Path,
+) -> None:
+    """Two experiments created in one process (a notebook's pretrain, then finetune): both put
+    their artifacts under mlartifacts/, although MLflow sets MLFLOW_TRACKING_URI in the process
+    when the first is created (the second went to MLflow's default, ./mlruns)."""
+    import mlflow
+
+    for name in ("scbert-pretrain", "scbert-finetune"):
+        location = mlflow.get_experiment(experiment_id(name)).artifact_location
+        assert location == (workdir / "mlartifacts" / name).as_uri()
+    assert not (workdir / "mlruns").exists()
+
+
 def test_cli_register_promote_and_refusal(workdir: Path) -> None:
     import subprocess
     import sys

@@ -28,7 +28,11 @@ class TrackingLocked(RuntimeError):
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the embedded SQLite file (absolute: Ray workers share it)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _embedded_uri()
+
+
+def _embedded_uri() -> str:
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def registry_client() -> Any:
@@ -113,7 +117,10 @@ def experiment_id(name: str) -> str:
 def _experiment_id(name: str) -> str:
     import mlflow
 
-    embedded = "MLFLOW_TRACKING_URI" not in os.environ  # read first: mlflow sets it below
+    # by the URI, not by whether MLFLOW_TRACKING_URI is set: mlflow.set_tracking_uri sets it in
+    # this process, and a second experiment created here (a notebook's pretrain, then finetune)
+    # would otherwise get MLflow's default artifact root, ./mlruns
+    embedded = tracking_uri() == _embedded_uri()
     mlflow.set_tracking_uri(tracking_uri())
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
