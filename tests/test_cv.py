@@ -1,6 +1,6 @@
 """Cross-validation for real: Ray Tune fold trials that are Ray Train runs on the real dataset,
 the CV table next to the baselines on the same folds, its MLflow parent and child runs, the
-registration of a CV run and the gate's baseline rule, and leave-one-dataset-out. (In a file of
+registration of a CV run and the gate's baseline rule. (In a file of
 their own so that the suite's two processes can run them beside the sweep tests in
 tests/test_tune.py.)"""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -108,27 +107,3 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     assert promoted.returncode == 0, promoted.stderr
     version = c.get_model_version_by_alias("scbert-pbmc68k", "champion")
     assert float(version.tags["metric.cv/macro_f1"]) == pytest.approx(scratch["macro_f1_mean"])
-
-
-def test_leave_one_dataset_out(pbmc_h5ad: Path, workdir: Path, ray_local: Any) -> None:
-    """Real cells in two artificial 'datasets' (alternate cells), ingested with --batch-key:
-    each dataset in turn is the test set."""
-    import anndata
-
-    from scbert_platform.data.ingest import ingest
-    from scbert_platform.params import DataParams
-    from scbert_tune.cv import cross_validate
-
-    adata = anndata.read_h5ad(pbmc_h5ad)
-    adata.obs["dataset"] = np.where(np.arange(adata.n_obs) % 2 == 0, "lab_a", "lab_b")
-    adata.write_h5ad(workdir / "two.h5ad")
-    shards = workdir / "two"
-    data = DataParams(**PBMC_PARAMS, batch_key="dataset")
-    ingest(workdir / "two.h5ad", shards, data, executor="local", log=lambda _: None)
-    params = tiny_params(workdir / "runs", max_steps=2, val_every=2, ckpt_every=2)
-    result = cross_validate(shards, params, protocol="leave-one-dataset-out", name="lodo")
-    (group,) = result.groups
-    assert [f["held_out"] for f in group["folds"]] == ["lab_a", "lab_b"]
-    batches = read_manifest(shards)["batches"]["counts"]
-    assert [f["n"] for f in group["folds"]] == [batches["lab_a"], batches["lab_b"]]
-    assert "| scBERT | all | 2 |" in result.markdown

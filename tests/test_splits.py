@@ -1,4 +1,5 @@
-"""Cell splits, sweep specs, CV plans and novel-type scores: the rules, without Ray."""
+"""Cell splits, sweep specs, CV plans, the CV table of a non-fold protocol and novel-type scores:
+the rules, without Ray. (The fold trials themselves run on Ray: tests/test_cv.py.)"""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import tiny_params
+from conftest import PBMC_PARAMS, tiny_params
 
 from scbert_platform.data.loader import iter_local_batches
 from scbert_platform.data.manifest import read_manifest
 from scbert_platform.data.splits import CellSplit
 from scbert_platform.params import Params
-from scbert_tune.cv import novel_type_scores, plan
+from scbert_tune.cv import SCRATCH, _aggregate, novel_type_scores, plan, report_markdown
 from scbert_tune.sweep import PAPER_SPACE, SweepSpec, _search_alg, default_spec, tune_space
 
 
@@ -163,6 +164,69 @@ def test_cv_plans_of_each_protocol(pbmc_shards: Path, tmp_path: Path) -> None:
         plan(pbmc_shards, params, protocol="novel-type", novel_types=("Neuron",))
     with pytest.raises(ValueError, match="needs --novel-type"):
         plan(pbmc_shards, params, protocol="novel-type")
+
+
+def test_leave_one_dataset_out_plans_and_reports_one_trial_per_dataset(
+    pbmc_h5ad: Path, tmp_path: Path
+) -> None:
+    """Real cells in two artificial 'datasets' (alternate cells), ingested with --batch-key: one
+    trial per dataset, whose test cells are exactly that dataset's, and a CV table with a row
+    per model and group over both held-out datasets. The trials run on Ray as the fold protocol's
+    do (tests/test_cv.py); only the plan and the table differ."""
+    import anndata
+
+    from scbert_platform.data.ingest import ingest
+    from scbert_platform.params import DataParams
+
+    adata = anndata.read_h5ad(pbmc_h5ad)
+    adata.obs["dataset"] = np.where(np.arange(adata.n_obs) % 2 == 0, "lab_a", "lab_b")
+    adata.write_h5ad(tmp_path / "two.h5ad")
+    shards = tmp_path / "two"
+    data = DataParams(**PBMC_PARAMS, batch_key="dataset")
+    ingest(tmp_path / "two.h5ad", shards, data, executor="local", log=lambda _: None)
+    trials = plan(shards, tiny_params(tmp_path), protocol="leave-one-dataset-out")
+    assert [t["held_out"] for t in trials] == ["lab_a", "lab_b"]
+    assert {t["group"] for t in trials} == {"all"}
+    batches = read_manifest(shards)["batches"]["counts"]
+    for t in trials:
+        split = CellSplit.from_dict(t["split"])
+        counts = split.counts(shards)
+        assert counts["test"] == batches[t["held_out"]]
+        (other,) = set(batches) - {t["held_out"]}
+        assert counts["train"] + counts["val"] == batches[other]
+
+    # the table: two held-out datasets of one model, scored as _evaluate_trial hands them over
+    labels = ["B", "NK", "T"]
+    rng = np.random.default_rng(0)
+    evaluated = []
+    for k, t in enumerate(trials):
+        y_true = rng.integers(0, 3, 40)
+        proba = rng.dirichlet(np.ones(3), 40)
+        proba[np.arange(20), y_true[:20]] += 2.0  # half the cells called right
+        evaluated.append(
+            {
+                "variant": SCRATCH,
+                "group": t["group"],
+                "held_out": t["held_out"],
+                "trial_id": f"t{k}",
+                "run_id": f"run{k}",
+                "model_uri": f"runs:/run{k}/model",
+                "val_macro_f1": 0.5 + k / 10,
+                "labels": labels,
+                "excluded": [],
+                "y_true": y_true,
+                "proba": proba / proba.sum(axis=1, keepdims=True),
+                "temperature": None,
+                "threshold": 0.5,
+            }
+        )
+    (group,) = _aggregate(evaluated[::-1], "leave-one-dataset-out")
+    assert [f["held_out"] for f in group["folds"]] == ["lab_a", "lab_b"]
+    assert [f["n"] for f in group["folds"]] == [40, 40]
+    assert group["chosen"] == "runs:/run1/model"  # the better validation score, never the test's
+    text = report_markdown([group], "leave-one-dataset-out", 0.5)
+    assert text.startswith("| model | group | folds | accuracy | macro F1 |")
+    assert f"| {SCRATCH} | all | 2 |" in text
 
 
 def test_novel_type_scores_by_hand() -> None:

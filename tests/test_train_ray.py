@@ -26,12 +26,34 @@ def mlflow_run(workdir: Path, run_id: str) -> tuple[Any, Any]:
     return client, client.get_run(run_id)
 
 
-def test_finetune_on_two_workers_is_tracked_in_mlflow(
+def test_pretrain_then_finetune_on_two_workers_tracked_in_mlflow(
     ray_local: object, pbmc_shards: Path, workdir: Path
 ) -> None:
-    params = tiny_params(workdir / "runs", workers=2)
-    result = fit("finetune", pbmc_shards, params, run_name="ft")
+    """MLM pretraining on one worker, then fine-tuning from its checkpoint on two DDP workers:
+    the published freeze, what MLflow holds of the run, the calibrated checkpoint and the
+    pyfunc. (One test, so that the suite pays for two Ray Train runs, not three.)"""
+    # gene_dropout: fine-tuning's augmentation draws from the worker's generator (pretraining
+    # ignores it)
+    params = tiny_params(
+        workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4, gene_dropout=0.1
+    )
+    pretrained = fit("pretrain", pbmc_shards, params, run_name="pt")
+    assert pretrained.steps == 4
+    assert 0 <= pretrained.metrics["val/masked_acc"] <= 1
+    assert load_pretrained(pretrained.checkpoint).model.config.n_classes is None
+
+    params = params.replace(
+        {"train.workers": 2, "train.cpus_per_worker": 0.5, "train.max_steps": 8}
+    )
+    result = fit("finetune", pbmc_shards, params, init_from=pretrained.checkpoint, run_name="ft")
     assert result.steps == 8
+    before = load_pretrained(pretrained.checkpoint).model.state_dict()
+    after = load_pretrained(result.checkpoint).model.state_dict()
+    # the published freeze: the embedding is not trained, the (single) last block is
+    assert (before["token_emb.weight"] == after["token_emb.weight"]).all()
+    assert not (
+        before["encoder.blocks.0.ff.w1.weight"] == after["encoder.blocks.0.ff.w1.weight"]
+    ).all()
     assert {"val/macro_f1", "test/accuracy", "test/macro_f1"} <= set(result.metrics)
     assert result.metrics["val/best_macro_f1"] >= result.metrics["val/macro_f1"]
     assert result.metrics["val/best_step"] in (4.0, 8.0)
@@ -109,32 +131,6 @@ def test_a_collapsed_finetune_fails_is_retried_and_logs_no_model(
         assert "the training loss is nan" in run.data.tags["scbert.failure"]
         assert "scbert.model_uri" not in run.data.tags and "scbert.checkpoint" not in run.data.tags
     assert runs[0].data.params["train.seed"] != runs[1].data.params["train.seed"]
-
-
-def test_pretrain_then_finetune_from_its_checkpoint(
-    ray_local: object, pbmc_shards: Path, workdir: Path
-) -> None:
-    # gene_dropout: fine-tuning's augmentation draws from the worker's generator (pretraining
-    # ignores it)
-    params = tiny_params(
-        workdir / "runs", workers=1, cpus_per_worker=1.0, max_steps=4, gene_dropout=0.1
-    )
-    pretrained = fit("pretrain", pbmc_shards, params, run_name="pt")
-    assert pretrained.steps == 4
-    assert 0 <= pretrained.metrics["val/masked_acc"] <= 1
-    assert load_pretrained(pretrained.checkpoint).model.config.n_classes is None
-
-    finetuned = fit(
-        "finetune", pbmc_shards, params, init_from=pretrained.checkpoint, run_name="ft2"
-    )
-    assert finetuned.steps == 4
-    before = load_pretrained(pretrained.checkpoint).model.state_dict()
-    after = load_pretrained(finetuned.checkpoint).model.state_dict()
-    # the published freeze: the embedding is not trained, the (single) last block is
-    assert (before["token_emb.weight"] == after["token_emb.weight"]).all()
-    assert not (
-        before["encoder.blocks.0.ff.w1.weight"] == after["encoder.blocks.0.ff.w1.weight"]
-    ).all()
 
 
 def test_workers_that_would_starve_ray_data_are_refused() -> None:
