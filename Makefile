@@ -53,19 +53,26 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 # Two pytest processes, whole files each (a file's tests keep their order and module fixtures):
-# the suite spends most of its time waiting on Ray's and Tune's actors, not computing (on
-# 2026-11-27, 12 CPU-minutes in 26 minutes of one process on 2 cores). The longest files are
-# named first, so that neither process is left with one of them at the end. (Three processes,
-# tried 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
-LONG_TESTS := tests/test_cv.py tests/test_tutorial.py tests/test_dvc.py tests/test_train_ray.py \
-	tests/test_train_faults.py tests/test_tune.py tests/test_gpu_check.py tests/test_serve.py \
-	tests/test_console.py tests/test_annotation.py
+# with one process the suite waited on Ray's and Tune's actors (2026-11-27: 12 CPU-minutes in 26
+# minutes on 2 cores); with two, both cores are busy (2026-11-28, vmstat: ~0% idle), mostly with
+# starting the Python processes of Ray's actors and workers. The longest files are named first,
+# so that neither process is left with one of them at the end. (Three processes, tried
+# 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
+# `-m "not bench"`: the smoke run of bench/gpu_check.sh runs with the benchmarks (make bench).
+# compileall: where PYTHONDONTWRITEBYTECODE is set (as on the development machines), every
+# process that imports the project's modules would compile them again; the packages in the
+# venv were compiled by pip.
+LONG_TESTS := tests/test_tune.py tests/test_train_ray.py tests/test_dvc.py tests/test_tutorial.py \
+	tests/test_train_faults.py tests/test_cv.py tests/test_annotation.py tests/test_serve.py \
+	tests/test_console.py
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(LONG_TESTS) tests
+	@$(PY) -m compileall -q scbert platform tune serve
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" $(LONG_TESTS) tests
 
 # the benchmarks' own extra: model_speed's anchor (performer-pytorch), side by side in one run
 bench: setup
 	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[bench]'
+	$(PY) -m pytest -m bench tests/test_gpu_check.py
 	$(PY) bench/model_speed.py
 	$(PY) bench/loader_speed.py
 	@test -d data/models/finetune || { echo "bench/serve_load.py needs the demo model: make demo first"; exit 1; }

@@ -9,7 +9,7 @@
 #   PYTHON=python3 bash bench/gpu_check.sh --device cuda   # a Python without the .venv
 #
 # --quick: tiny sizes, a smoke run of every part (--device cpu --quick: under 2 minutes on
-# 2 CPUs; tests/test_gpu_check.py). --out: default a new folder under $TMPDIR (printed).
+# 2 CPUs; make bench runs it: tests/test_gpu_check.py). --out: default a new folder under $TMPDIR.
 # PYTHON: the interpreter (default: the repo's .venv, else python3); the repo is put on its
 # PYTHONPATH, so it needs no install. GPU_CHECK_TIMEOUTS: seconds per part,
 # "speed,train,serve,annotate" (the prep step gets train's).
@@ -54,7 +54,7 @@ fi
 unset RAY_ADDRESS  # each part starts a local Ray of its own on 127.0.0.1, never joins one
 export PYTHONUNBUFFERED=1
 
-# quick: generous, as the test suite runs it on 2 loaded CPUs (about 100 s when idle)
+# quick: generous, for 2 CPUs with other work running (about 100 s when idle)
 if [[ $QUICK == 1 ]]; then TIMEOUTS="${GPU_CHECK_TIMEOUTS:-150,300,150,150}"; else TIMEOUTS="${GPU_CHECK_TIMEOUTS:-200,150,90,80}"; fi
 IFS=, read -r T_SPEED T_TRAIN T_SERVE T_ANNOTATE <<<"$TIMEOUTS"
 FLAGS=(--out "$OUT" --device "$DEVICE")
@@ -93,8 +93,8 @@ echo "gpu check on $DEVICE$([[ $QUICK == 1 ]] && echo ' (quick)'), python $PYTHO
 START=$SECONDS
 if [[ $QUICK == 1 ]]; then
     # a smoke run: the model-speed subprocesses beside preparing and training (its figures
-    # are not comparable then); the Ray parts one after another, so that a loaded machine (the
-    # test suite runs this beside other tests) does not push one past its timeout
+    # are not comparable then); the Ray parts one after another, so that a loaded machine does
+    # not push one past its timeout
     step speed "$T_SPEED" part speed &
     SPEED=$!
     step prep "$T_TRAIN" prep

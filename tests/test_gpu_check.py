@@ -1,5 +1,11 @@
-"""bench/gpu_check.sh in its CPU smoke mode: every part runs (model speed, Ray Train with a
-resumed run, Ray Serve under load, distributed annotation) and the report says so."""
+"""bench/gpu_check.sh in its CPU smoke mode: every part runs (model speed, Ray Train, Ray Serve
+under load, distributed annotation) and the report says so.
+
+Run by ``make bench`` (marker ``bench``), not by ``make test``: each part is a command of its own
+with a local Ray of its own, about 3 CPU-minutes in all, and what the parts exercise is tested
+in the suite (test_train_ray, test_train_faults, test_serve, test_annotation). What only this
+run checks is the script and its report, which matter when a GPU machine is lent (docs/gpu.md).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
+pytestmark = [pytest.mark.bench, pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
 PARTS = ("speed", "train", "serve", "annotate")
 
