@@ -51,8 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     import mlflow
 
+    from scbert_platform.console import quiet_libraries
     from scbert_platform.track.runs import tracking_uri
 
+    quiet_libraries()  # MLflow's download bar for every run's predictions, among others
     mlflow.set_tracking_uri(tracking_uri())
     preds = {r.stem: fold_predictions(r) for r in args.reports}
     folds = [set(p) for p in preds.values()]
