@@ -92,7 +92,8 @@ format: setup
 # venv were compiled by pip.
 LONG_TESTS := tests/test_tune.py tests/test_train_ray.py tests/test_dvc.py tests/test_tutorial.py \
 	tests/test_train_faults.py tests/test_cv.py tests/test_annotation.py tests/test_serve.py \
-	tests/test_console.py
+	tests/test_console.py tests/test_preprocessing.py tests/test_loader.py tests/test_api.py \
+	tests/test_registry.py tests/test_outputs.py
 test: lint
 	@$(PY) -m compileall -q scbert platform tune serve
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" $(LONG_TESTS) tests
