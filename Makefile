@@ -84,7 +84,9 @@ format: setup
 # with one process the suite waited on Ray's and Tune's actors (2026-11-27: 12 CPU-minutes in 26
 # minutes on 2 cores); with two, both cores are busy (2026-11-28, vmstat: ~0% idle), mostly with
 # starting the Python processes of Ray's actors and workers. The longest files are named first,
-# so that neither process is left with one of them at the end. (Three processes, tried
+# so that neither process is left with one of them at the end, then every other file by name
+# (not the folder: given `tests` too, pytest collects every file in the folder's order, and the
+# two longest, test_tune and test_tutorial, came last; 2026-11-29). (Three processes, tried
 # 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
 # `-m "not bench"`: the smoke run of bench/gpu_check.sh runs with the benchmarks (make bench).
 # compileall: where PYTHONDONTWRITEBYTECODE is set (as on the development machines), every
@@ -96,7 +98,8 @@ LONG_TESTS := tests/test_tune.py tests/test_train_ray.py tests/test_dvc.py tests
 	tests/test_registry.py tests/test_outputs.py
 test: lint
 	@$(PY) -m compileall -q scbert platform tune serve
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" $(LONG_TESTS) tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" $(LONG_TESTS) \
+		$(filter-out $(LONG_TESTS),$(sort $(wildcard tests/test_*.py)))
 
 # the benchmarks' own extra: model_speed's anchor (performer-pytorch), side by side in one run
 bench: setup
