@@ -83,23 +83,17 @@ format: setup
 # Two pytest processes, whole files each (a file's tests keep their order and module fixtures):
 # with one process the suite waited on Ray's and Tune's actors (2026-11-27: 12 CPU-minutes in 26
 # minutes on 2 cores); with two, both cores are busy (2026-11-28, vmstat: ~0% idle), mostly with
-# starting the Python processes of Ray's actors and workers. The longest files are named first,
-# so that neither process is left with one of them at the end, then every other file by name
-# (not the folder: given `tests` too, pytest collects every file in the folder's order, and the
-# two longest, test_tune and test_tutorial, came last; 2026-11-29). (Three processes, tried
-# 2026-11-28: slower, 20:51 against 20:16, and Ray's node start timed out once.)
+# starting the Python processes of Ray's actors and workers. Files run in the folder's order:
+# naming the longest first (so that they start the run side by side) was slower in a clean run,
+# 22:26 against 19:57 (2026-11-29). (Three processes, tried 2026-11-28: slower, 20:51 against
+# 20:16, and Ray's node start timed out once.)
 # `-m "not bench"`: the smoke run of bench/gpu_check.sh runs with the benchmarks (make bench).
 # compileall: where PYTHONDONTWRITEBYTECODE is set (as on the development machines), every
 # process that imports the project's modules would compile them again; the packages in the
-# venv were compiled by pip.
-LONG_TESTS := tests/test_tune.py tests/test_train_ray.py tests/test_dvc.py tests/test_tutorial.py \
-	tests/test_train_faults.py tests/test_cv.py tests/test_annotation.py tests/test_serve.py \
-	tests/test_console.py tests/test_preprocessing.py tests/test_loader.py tests/test_api.py \
-	tests/test_registry.py tests/test_outputs.py
+# venv were compiled when installed.
 test: lint
 	@$(PY) -m compileall -q scbert platform tune serve
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" $(LONG_TESTS) \
-		$(filter-out $(LONG_TESTS),$(sort $(wildcard tests/test_*.py)))
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not bench" tests
 
 # the benchmarks' own extra: model_speed's anchor (performer-pytorch), side by side in one run
 bench: setup
