@@ -118,6 +118,9 @@ class ModelParams(Section):
     # ScBertConfig's default (relu), which reads checkpoints written before the choice existed.
     head_activation: str = "leaky_relu"
     head_dropout: float = _architecture("cls_dropout")  # the head's hidden layers (published: 0)
+    # the head adds each gene's token (its bin, as a number) to the encoder's per-gene scalar
+    # (not published: docs/training.md)
+    head_token_input: bool = _architecture("cls_token_input")
 
     def problems(self) -> list[str]:
         return self._failing(
@@ -154,6 +157,7 @@ class ModelParams(Section):
             n_classes=n_classes,
             cls_activation=self.head_activation,
             cls_dropout=self.head_dropout,
+            cls_token_input=self.head_token_input,
             gene_embedding="gene2vec" if gene2vec else "learned",
             activation_checkpointing=checkpointing,
         )

@@ -52,6 +52,10 @@ class ScBertConfig:
     # constant, no gradient reaches the encoder, and the model predicts one class for good
     # (docs/training.md, "Collapsed runs")
     cls_activation: str = "relu"
+    # the head also reads each gene's token as a number, added to the encoder's per-gene scalar
+    # (not published; a skip past the encoder, so the head sees the expression levels themselves
+    # beside their context: docs/training.md, "The head reads the tokens")
+    cls_token_input: bool = False
     gene_embedding: GeneEmbeddingKind = "gene2vec"
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
 

@@ -127,7 +127,9 @@ class ReconstructionHead(nn.Module):
 
 class CellTypeHead(nn.Module):
     """Fine-tuning head as published: a 1 x dim convolution over each gene's vector + ReLU (one
-    scalar per position), flattened, then MLP (n_genes + 1) -> 512 -> 128 -> n_classes."""
+    scalar per position), flattened, then MLP (n_genes + 1) -> 512 -> 128 -> n_classes. With
+    ``config.cls_token_input`` each position's token (its expression bin, 0 at the appended
+    position) is added to its scalar."""
 
     def __init__(self, *, config: ScBertConfig) -> None:
         super().__init__()
@@ -141,15 +143,19 @@ class CellTypeHead(nn.Module):
         self.act = nn.ReLU()
         self.gene_act = nn.LeakyReLU(0.2) if config.cls_activation == "leaky_relu" else self.act
         self.dropout = nn.Dropout(config.cls_dropout)
+        self.token_input = config.cls_token_input
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The last hidden layer (b, 128): what the classifier separates the types in."""
+    def hidden(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (b, 128): what the classifier separates the types in; ``x`` the
+        encodings (b, n_genes + 1, dim) of ``tokens`` (b, n_genes + 1)."""
         x = self.gene_act(self.per_gene(x)).squeeze(-1)  # (b, n_genes + 1)
+        if self.token_input:
+            x = x + tokens.to(x.dtype)
         x = self.dropout(self.act(self.fc1(x)))
         return self.dropout(self.act(self.fc2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.hidden(x))  # (b, n_classes)
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.hidden(x, tokens))  # (b, n_classes)
 
     @torch.no_grad()
     def fold_temperature(self, temperature: float) -> None:
@@ -201,6 +207,8 @@ class ScBert(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Class logits (b, n_classes), or reconstruction logits (b, n_genes + 1, n_bins + 2)."""
+        if isinstance(self.head, CellTypeHead):
+            return self.head(self.encode(tokens), tokens)
         out: torch.Tensor = self.head(self.encode(tokens))
         return out
 
@@ -230,7 +238,7 @@ class ScBert(nn.Module):
                 raise ValueError("the classifier embedding needs a fine-tuned model")
             return encoded.new_zeros((len(tokens), 0)).float(), encoded[:, :-1].mean(dim=1)
         assert isinstance(self.head, CellTypeHead)
-        hidden = self.head.hidden(encoded)  # (b, cls_hidden[1])
+        hidden = self.head.hidden(encoded, tokens)  # (b, cls_hidden[1])
         proba = self.head.fc3(hidden).float().softmax(dim=-1)
         return proba, hidden if embedding == "classifier" else encoded[:, :-1].mean(dim=1)
 
@@ -243,16 +251,23 @@ class ScBert(nn.Module):
         return sums[:, :-1]
 
     def with_cell_type_head(
-        self, n_classes: int, *, activation: str | None = None, dropout: float | None = None
+        self,
+        n_classes: int,
+        *,
+        activation: str | None = None,
+        dropout: float | None = None,
+        token_input: bool | None = None,
     ) -> ScBert:
         """Swap in a fresh cell-type head (n_classes; ``activation``: its per-gene activation,
-        ``ScBertConfig.cls_activation``, and ``dropout``, ``cls_dropout``, each unchanged when
-        None) for fine-tuning; returns self."""
+        ``ScBertConfig.cls_activation``, ``dropout``, ``cls_dropout``, and ``token_input``,
+        ``cls_token_input``, each unchanged when None) for fine-tuning; returns self."""
         change: dict[str, Any] = {"n_classes": n_classes}
         if activation is not None:
             change["cls_activation"] = activation
         if dropout is not None:
             change["cls_dropout"] = dropout
+        if token_input is not None:
+            change["cls_token_input"] = token_input
         self.config = dataclasses.replace(self.config, **change)
         self.head = CellTypeHead(config=self.config).to(self.token_emb.weight.device)
         return self

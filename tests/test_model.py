@@ -16,6 +16,7 @@ from scbert import (
     favor_attention,
     orthogonal_features,
 )
+from scbert.model import CellTypeHead
 
 MakeModel = Callable[..., ScBert]
 N_GENES, N_BINS, DIM = 24, 5, 16
@@ -111,6 +112,31 @@ def test_with_cell_type_head_makes_a_classifier(make_model: MakeModel) -> None:
     after = model.state_dict()
     for key, value in encoder_before.items():
         torch.testing.assert_close(after[key], value)
+
+
+def test_the_head_reads_the_tokens_only_when_asked() -> None:
+    """``cls_token_input``: each position's token (as a number) is added to the encoder's
+    per-gene scalar, the same weights as without it; the published head does not see them."""
+    tokens = random_tokens(4, N_GENES, N_BINS)
+    for token_input in (False, True):
+        model = build_model(tiny_config(n_classes=3, cls_token_input=token_input)).eval()
+        head = model.head
+        assert isinstance(head, CellTypeHead)
+        with torch.no_grad():  # the encoder's scalar is 0 everywhere: only the tokens remain
+            head.per_gene.weight.zero_()
+            head.per_gene.bias.zero_()
+            logits = model(tokens)
+            proba, hidden = model.predict(tokens, embedding="classifier")
+            fed = tokens.float() if token_input else torch.zeros(tokens.shape)
+            last_hidden = head.act(head.fc2(head.act(head.fc1(fed))))
+            expected = head.fc3(last_hidden)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(hidden, last_hidden)
+        torch.testing.assert_close(proba, expected.softmax(dim=-1))
+        assert (logits[0] != logits[1]).any() == token_input  # the cells differ in their tokens
+    plain = build_model(tiny_config(n_classes=3)).state_dict()
+    assert model.state_dict().keys() == plain.keys()  # no parameter of its own
+    assert model.with_cell_type_head(2, token_input=False).config.cls_token_input is False
 
 
 def test_assign_cell_types() -> None:

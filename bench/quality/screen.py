@@ -73,8 +73,42 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--same-seed", action="store_true", help="every fold from --seed (as scbert cv does)"
     )
     ap.add_argument("--threads", type=int, default=1)
+    # probes of where the gap to logreg comes from (bench/RESULTS.md, ninth session)
+    ap.add_argument(
+        "--head-input",
+        default="encoder",
+        choices=["encoder", "detected", "plus-tokens"],
+        help="the head's per-gene scalar: the encoder's (published); zero for undetected genes; "
+        "the encoder's plus the gene's token read as a number",
+    )
+    ap.add_argument(
+        "--encoder-lr", type=float, default=1.0, help="the embeddings' and encoder's lr, x --lr"
+    )
+    ap.add_argument(
+        "--ordinal-init",
+        type=float,
+        default=0.0,
+        help="start the bin tokens on a line (this much apart along one direction, which the "
+        "head's per-gene weights start on), so that the head first reads the bins as numbers",
+    )
     ap.add_argument("--json", help="write the per-fold results here")
     return ap.parse_args(argv)
+
+
+class ProbeHead(torch.nn.Module):
+    """scBERT's head with another per-gene scalar: zero where the gene is not detected
+    (``detected``), or the encoder's plus the gene's token read as a number (``plus-tokens``)."""
+
+    def __init__(self, model: ScBert, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.model.head
+        x = head.gene_act(head.per_gene(self.model.encode(tokens))).squeeze(-1)
+        x = x * (tokens > 0) if self.kind == "detected" else x + tokens.float()
+        x = head.dropout(head.act(head.fc1(x)))
+        return head.fc3(head.dropout(head.act(head.fc2(x))))
 
 
 def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dict[str, Any]:
@@ -99,6 +133,15 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         gene_embedding="gene2vec" if data["gene2vec"] is not None else "learned",
     )
     model = ScBert(config=config, gene2vec=data["gene2vec"])
+    if args.ordinal_init:
+        with torch.no_grad():
+            direction = torch.randn(args.dim)
+            direction /= direction.norm()
+            bins = torch.arange(args.n_bins + 1, dtype=torch.float32) - args.n_bins / 2
+            shift = args.ordinal_init * bins[:, None] * direction
+            model.token_emb.weight[: args.n_bins + 1] += shift
+            model.head.per_gene.weight.copy_(direction * model.head.per_gene.weight.norm())
+    forward = model if args.head_input == "encoder" else ProbeHead(model, args.head_input)
     loss = ClassLoss(
         kind=args.loss,
         class_weight=class_weights(counts, labels) if args.class_weights else None,
@@ -106,7 +149,11 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         counts=torch.tensor([counts[label] for label in labels], dtype=torch.float32),
         total_steps=args.steps,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    head = [p for n, p in model.named_parameters() if n.startswith(("head.", "norm."))]
+    body = [p for n, p in model.named_parameters() if not n.startswith(("head.", "norm."))]
+    optimizer = torch.optim.Adam(
+        [{"params": head}, {"params": body, "lr": args.lr * args.encoder_lr}], lr=args.lr
+    )
 
     def lr_factor(step: int) -> float:
         return min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
@@ -116,7 +163,7 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
     @torch.no_grad()
     def logits_of(index: np.ndarray) -> np.ndarray:
         model.eval()
-        out = [model(tokens[index[i : i + 64]]) for i in range(0, len(index), 64)]
+        out = [forward(tokens[index[i : i + 64]]) for i in range(0, len(index), 64)]
         model.train()
         return torch.cat(out).numpy()
 
@@ -124,7 +171,7 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
     snapshots: list[dict[str, torch.Tensor]] = []  # validated weights from --swa-from on
     for step in range(args.steps):
         batch = rng.choice(train, args.batch_size, replace=False)
-        value = loss(model(tokens[batch]), torch.as_tensor(y[batch]), step)
+        value = loss(forward(tokens[batch]), torch.as_tensor(y[batch]), step)
         optimizer.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -102,6 +102,7 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
             len(info.labels),
             activation=params.model.head_activation,
             dropout=params.model.head_dropout,
+            token_input=params.model.head_token_input,
         )
     cfg = model_config(
         params.model,
