@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     x, y, folds, _ = load_cells(args.shards)
     values = x.toarray()
     binned = bin_values(values, args.n_bins).astype(np.float32)
-    onehot = np.concatenate([binned == b for b in range(1, args.n_bins + 1)], axis=1)
+    onehot = np.concatenate(
+        [binned == b for b in range(1, args.n_bins + 1)], axis=1, dtype=np.float32
+    )
     tokens = torch.as_tensor(binned)
     seeds = [int(s) for s in args.seeds.split(",")]
     started, rows = time.time(), []
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         found = {
             "logreg": logreg(x, y, outer, test),  # sparse, as the baseline reads the shards
             f"logreg-bins{args.n_bins}": logreg(binned, y, outer, test),
-            f"logreg-onehot{args.n_bins}": logreg(onehot.astype(np.float32), y, outer, test),
+            f"logreg-onehot{args.n_bins}": logreg(onehot, y, outer, test),
         }
         for seed in seeds:
             rng = np.random.default_rng(seed + fold)

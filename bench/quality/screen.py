@@ -95,18 +95,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-class ProbeHead(torch.nn.Module):
-    """scBERT's head with another per-gene scalar: zero where the gene is not detected
-    (``detected``), or the encoder's plus the gene's token read as a number (``plus-tokens``)."""
+class DetectedOnlyHead(torch.nn.Module):
+    """scBERT's head with the per-gene scalar set to zero where the gene is not detected
+    (``--head-input detected``; ``plus-tokens`` is the model's own ``cls_token_input``)."""
 
-    def __init__(self, model: ScBert, kind: str) -> None:
+    def __init__(self, model: ScBert) -> None:
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         head = self.model.head
-        x = head.gene_act(head.per_gene(self.model.encode(tokens))).squeeze(-1)
-        x = x * (tokens > 0) if self.kind == "detected" else x + tokens.float()
+        x = head.gene_act(head.per_gene(self.model.encode(tokens))).squeeze(-1) * (tokens > 0)
         x = head.dropout(head.act(head.fc1(x)))
         return head.fc3(head.dropout(head.act(head.fc2(x))))
 
@@ -130,6 +129,7 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         n_classes=len(labels),
         cls_activation=args.head_activation,
         cls_dropout=args.head_dropout,
+        cls_token_input=args.head_input == "plus-tokens",
         gene_embedding="gene2vec" if data["gene2vec"] is not None else "learned",
     )
     model = ScBert(config=config, gene2vec=data["gene2vec"])
@@ -141,7 +141,7 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
             shift = args.ordinal_init * bins[:, None] * direction
             model.token_emb.weight[: args.n_bins + 1] += shift
             model.head.per_gene.weight.copy_(direction * model.head.per_gene.weight.norm())
-    forward = model if args.head_input == "encoder" else ProbeHead(model, args.head_input)
+    forward = DetectedOnlyHead(model) if args.head_input == "detected" else model
     loss = ClassLoss(
         kind=args.loss,
         class_weight=class_weights(counts, labels) if args.class_weights else None,
