@@ -195,28 +195,39 @@ def noise_in(text: str) -> list[str]:
     return [pattern for pattern in NOISE if pattern in text]
 
 
-def non_loopback_listeners(root: Any = None) -> list[tuple[int, str, str, int]]:
-    """(pid, process, address, port) of every listening TCP socket of ``root`` (default: this
-    process) and its descendants that is not bound to a loopback address."""
-    import ipaddress
-
+def listeners(root: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(pid, process, address, port) of every listening TCP socket of the process ``root``
+    (default: this one) and its descendants; none where ``root`` has ended."""
     import psutil
 
-    root = root or psutil.Process()
+    try:
+        top = psutil.Process(root)
+        processes = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return []
     found = []
-    for process in [root, *root.children(recursive=True)]:
+    for process in processes:
         try:
             connections, name = process.net_connections(kind="inet"), process.name()
         except psutil.Error:  # ended meanwhile
             continue
-        for c in connections:
-            if c.status != psutil.CONN_LISTEN:
-                continue
-            address = ipaddress.ip_address(c.laddr.ip.split("%")[0])
-            mapped = getattr(address, "ipv4_mapped", None)
-            if not (mapped or address).is_loopback:
-                found.append((process.pid, name, c.laddr.ip, c.laddr.port))
+        found += [
+            (process.pid, name, c.laddr.ip, c.laddr.port)
+            for c in connections
+            if c.status == psutil.CONN_LISTEN
+        ]
     return found
+
+
+def off_loopback(found: list[tuple[int, str, str, int]]) -> list[tuple[int, str, str, int]]:
+    """The ``listeners`` not bound to a loopback address."""
+    import ipaddress
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    return [entry for entry in found if not loopback(entry[2])]
 
 
 PBMC_PARAMS: dict[str, Any] = {

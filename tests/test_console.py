@@ -1,15 +1,13 @@
 """What a person sees: progress as plain lines where no terminal is, the quiet/verbose switch,
-a local Ray that listens on loopback only, a failure's worker lines. A training verb's screen:
+a failure's worker lines. (A local Ray listens on loopback only: tests/test_tune.py samples a
+sweep's, tests/test_serve.py a service's.) A training verb's screen:
 quiet by default in tests/test_dvc.py (the pipeline's stages), with ``--verbose`` in
 tests/test_train_ray.py (a resumed run)."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -58,78 +56,6 @@ def test_verbose_switch_and_one_line_warnings(monkeypatch: pytest.MonkeyPatch) -
     assert os.environ[console.VERBOSE_ENV] == "1" and console.verbose()
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     assert not console.verbose()
-
-
-LOOPBACK_PROBE = """
-import json, os, sys, threading
-import ray, ray.data
-from conftest import non_loopback_listeners, tiny_params
-from scbert_platform.cluster import start_ray
-from scbert_platform.train.distributed import fit
-
-start_ray(num_cpus=2)
-
-@ray.remote
-def pid():
-    return os.getpid()
-
-@ray.remote
-class Actor:
-    def pid(self):
-        return os.getpid()
-
-actor = Actor.remote()
-ray.get([pid.remote() for _ in range(3)] + [actor.pid.remote()])
-ray.data.range(100).map_batches(lambda batch: batch).take_all()
-exposed, most, done = set(), [0], threading.Event()
-
-def sample():  # while a Ray Train run (controller, worker, Ray Data actors) is going
-    import psutil
-    while not done.wait(1.0):  # listeners live for the whole run: a sample a second sees them
-        exposed.update(non_loopback_listeners())
-        most[0] = max(most[0], sum(
-            c.status == psutil.CONN_LISTEN
-            for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
-            for c in p.net_connections(kind="inet")
-        ))
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-try:
-    fit("pretrain", sys.argv[1], tiny_params("runs", max_steps=3, val_every=3, ckpt_every=3))
-finally:
-    done.set()
-    sampler.join()
-exposed.update(non_loopback_listeners())
-print(json.dumps({
-    "node_ip": ray.util.get_node_ip_address(),
-    "listening": most[0],
-    "exposed": sorted(exposed),
-}))
-"""
-
-
-@pytest.mark.ray
-def test_a_local_ray_listens_on_loopback_only(pbmc_shards: Path, tmp_path: Path) -> None:
-    """A Ray started by the project (GCS, raylet, agents, task and actor workers, a Ray Data
-    job, then a Ray Train run): every listening socket of every one of its processes, sampled
-    while they run, is on 127.0.0.1."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    env.pop("RAY_ADDRESS", None)
-    probe = subprocess.run(
-        [sys.executable, "-c", LOOPBACK_PROBE, str(pbmc_shards)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert probe.returncode == 0, probe.stderr[-3000:]
-    found = json.loads(probe.stdout.splitlines()[-1])
-    assert found["node_ip"] == "127.0.0.1"
-    assert found["listening"] >= 10  # GCS, raylet, agents, workers...: the check saw them
-    assert found["exposed"] == []
-    assert noise_in(probe.stderr) == [], probe.stderr  # no token-auth notice, no worker lines
 
 
 def test_an_unexpected_failure_shows_the_failing_workers_last_lines(

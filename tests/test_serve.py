@@ -105,11 +105,16 @@ def service(
 
 def test_the_service_and_its_ray_listen_on_loopback_only(service: Service) -> None:
     """The HTTP proxy (serve.host), the controller, the replicas and the local Ray under them
-    (this process's descendants): no listening socket on an address other than loopback."""
-    from conftest import non_loopback_listeners
+    (this process's descendants): no listening socket on an address other than loopback, and
+    Ray's node address is loopback. (The same during a sweep, sampled each second while its Ray
+    Train runs go: tests/test_tune.py.)"""
+    import ray
+    from conftest import listeners, off_loopback
 
     assert service.post(service.sparse(slice(0, 5))).status_code == 200  # replicas are up
-    assert non_loopback_listeners() == []
+    found = listeners()
+    assert off_loopback(found) == [] and len(found) >= 10
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
 def test_annotate_matches_the_pyfunc_on_real_cells_in_every_layout(service: Service) -> None:

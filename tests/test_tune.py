@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import child_runs, mlflow_client, scbert_cli, tiny_params
+from conftest import (
+    child_runs,
+    listeners,
+    mlflow_client,
+    noise_in,
+    off_loopback,
+    scbert_cli,
+    tiny_params,
+)
 
 from scbert_platform.params import Params
 from scbert_tune.trials import read_events
@@ -27,7 +35,9 @@ def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir
     holds one parent with one child per trial. (2: each trial is a Ray Train run of about a
     minute here, and the suite has a time budget; one before the kill and one after is what
     restoring needs. 6 steps: the two validations ASHA's grace period and the history check
-    need, no more.)"""
+    need, no more.) While the first driver runs, the Ray it started (GCS, raylet, agents, Tune's,
+    Train's and Ray Data's actors and task workers) is sampled each second: every listening
+    socket of every one of its processes is on loopback."""
     params = tiny_params(workdir / "runs", max_steps=6, val_every=3, ckpt_every=3)
     params.dump(workdir / "params.yaml")
     (workdir / "spec.yaml").write_text(
@@ -53,8 +63,15 @@ def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir
         start_new_session=True,  # its own process group: the driver and the Ray it started
     )
     deadline = time.time() + 420
+    exposed: set[tuple[int, str, str, int]] = set()
+    listening, sampled = 0, 0.0
     try:
         while time.time() < deadline:
+            if time.time() - sampled >= 1.0:  # listeners live for the whole run: 1 s sees them
+                sampled = time.time()
+                found = listeners(driver.pid)
+                exposed.update(off_loopback(found))
+                listening = max(listening, len(found))
             ended = [e for e in read_events(sweep_dir) if e["event"] == "end"]
             states = list(sweep_dir.glob("experiment_state-*.json"))
             saved = states and states[0].read_text().count("TERMINATED") >= 1
@@ -67,6 +84,10 @@ def test_sweep_is_restored_after_its_driver_is_killed(pbmc_shards: Path, workdir
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    assert exposed == set(), exposed
+    assert listening >= 10  # GCS, raylet, agents, workers...: the samples saw them
+    # the driver's screen: the study's bar, not Ray's token-auth notice or the workers' lines
+    assert noise_in((workdir / "first.log").read_text()) == []
     finished_before = {e["trial_id"] for e in read_events(sweep_dir) if e["event"] == "end"}
     time.sleep(2)
 
