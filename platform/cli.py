@@ -871,11 +871,6 @@ def _add_fetch_and_pass_through(verbs: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from scbert.atomic import interrupted, note_interrupts
     from scbert_platform.console import one_line_warnings, quiet_libraries, set_verbose
-    from scbert_platform.data.errors import IngestError
-    from scbert_platform.data.panel import PanelError
-    from scbert_platform.track.registry import GateRefused
-    from scbert_platform.track.runs import TrackingLocked
-    from scbert_platform.train.distributed import TrainingError
 
     args = parse_args(argv)
     set_verbose(args.verbose)
@@ -894,21 +889,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         # code raises: a SystemError caused by the KeyboardInterrupt, or by a ValueError
         if interrupted() or isinstance(err.__cause__ or err.__context__, KeyboardInterrupt):
             return _interrupted(args.verb)
-        if isinstance(
-            err,
-            IngestError
-            | ParamsError
-            | PanelError
-            | TrainingError
-            | GateRefused
-            | TrackingLocked
-            | FileNotFoundError
-            | KeyError
-            | ValueError,
-        ):
+        if isinstance(err, _expected_errors()):
             print(f"scbert {args.verb}: error: {err}", file=sys.stderr)
             return 2
         return _failed(args.verb)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """The errors a user fixes from a one-line message (bad input, parameters, a refusal):
+    imported when one is raised, so that a verb that needs neither torch nor MLflow (--help, a
+    bad argument) starts in a fraction of a second."""
+    from scbert_platform.data.errors import IngestError
+    from scbert_platform.data.panel import PanelError
+    from scbert_platform.track.registry import GateRefused
+    from scbert_platform.track.runs import TrackingLocked
+    from scbert_platform.train.distributed import TrainingError
+
+    return (IngestError, ParamsError, PanelError, TrainingError, GateRefused, TrackingLocked,
+            FileNotFoundError, KeyError, ValueError)  # fmt: skip
 
 
 def _failed(verb: str) -> int:
