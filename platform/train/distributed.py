@@ -11,12 +11,9 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import math
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +57,7 @@ from scbert_platform.train.loop import (
     training_state,
     with_timeout,
 )
+from scbert_platform.train.progress import board_feed, step_progress
 
 MODEL_DIR = "model"  # in a Ray Train checkpoint: our checkpoint directory
 STATE_FILE = "train_state.pt"  # optimiser, schedule, loop position, RNG
@@ -175,7 +173,7 @@ class Worker:
             report=self.report, validate=self.validate, no_sync=no_sync, is_chief=self.rank == 0
         )
         if self.rank == 0 and self.config.get("progress_board") is not None:
-            hooks.progress = _board_feed(self.config["progress_board"])
+            hooks.progress = board_feed(self.config["progress_board"])
         finetune = self.task == "finetune"
         run_loop(
             wrapped,
@@ -404,90 +402,6 @@ def _write_checkpoint(
     if weights is not None:
         model.load_state_dict(current)
     torch.save(state, directory / STATE_FILE)
-
-
-class ProgressBoard:
-    """A Ray actor (no CPU) between the chief worker and the driver's progress bar: the worker
-    posts its step and metrics without waiting for an answer, the driver collects them."""
-
-    def __init__(self) -> None:
-        self.updates: list[dict[str, Any]] = []
-
-    def post(self, update: dict[str, Any]) -> None:
-        self.updates.append(update)
-
-    def collect(self) -> list[dict[str, Any]]:
-        updates, self.updates = self.updates, []
-        return updates
-
-
-def _board_feed(board: Any, every_s: float = 1.0) -> Callable[[int, int, dict[str, float]], None]:
-    """The chief's ``LoopHooks.progress``: a post at most every ``every_s`` seconds, and at
-    every validation and the last step."""
-    last = -math.inf
-
-    def feed(step: int, total: int, metrics: dict[str, float]) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= every_s or step >= total or any(k.startswith("val/") for k in metrics):
-            last = now
-            board.post.remote({"step": step, **metrics})
-
-    return feed
-
-
-def _postfix(metrics: dict[str, float]) -> str:
-    shown = [f"loss {metrics['train/loss']:.3f}"] if "train/loss" in metrics else []
-    if "train/cells_per_s" in metrics:
-        shown.append(f"{metrics['train/cells_per_s']:.0f} cells/s")
-    for key in ("val/macro_f1", "val/accuracy", "val/masked_acc"):
-        if key in metrics:
-            shown.append(f"{key} {metrics[key]:.3f}")
-    return ", ".join(shown)
-
-
-@contextlib.contextmanager
-def step_progress(task: str, total_steps: int) -> Iterator[Any]:
-    """The driver's progress bar of a training run (steps, loss, cells/s, the latest validation,
-    ETA), fed through a ``ProgressBoard`` that this yields for the workers."""
-    import ray
-
-    from scbert_platform.console import progress, say
-
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    bar = progress(total=total_steps, desc=task, unit="step")
-    latest: dict[str, float] = {}
-    stop = threading.Event()
-
-    def show(updates: list[dict[str, Any]]) -> None:
-        for update in updates:
-            if "message" in update:
-                say(f"{task}: {update['message']}")
-                continue
-            step = int(update.pop("step"))
-            latest.update(update)
-            bar.set_postfix_str(_postfix(latest), refresh=False)
-            bar.update(step - bar.n)
-
-    def follow() -> None:
-        while not stop.wait(1.0):
-            try:
-                show(ray.get(board.collect.remote(), timeout=30))
-            except Exception:  # Ray is going away: the run's own error says why
-                return
-
-    thread = threading.Thread(target=follow, name="scbert-progress", daemon=True)
-    thread.start()
-    try:
-        yield board
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        with contextlib.suppress(Exception):
-            show(ray.get(board.collect.remote(), timeout=10))
-        bar.close()
-        with contextlib.suppress(Exception):
-            ray.kill(board)
 
 
 def _mlflow_client(config: dict[str, Any]) -> tuple[Any, str] | None:
