@@ -3,14 +3,21 @@
 A gene's token is ``min(v, n_bins)`` truncated to an integer, so tokens are 0..n_bins and bin 0 is
 [0, 1) (it includes low non-zero values). ``n_bins + 1`` is the mask token; the vocabulary has
 ``n_bins + 2`` entries. One position is appended after the last gene, always token 0.
+
+torch is imported where a tensor is made: binning numpy or scipy values (Ray Data's tasks, the
+ingest) imports numpy only, and a Ray worker process that bins cells does not spend seconds of
+CPU importing torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 APPENDED_TOKEN = 0
 
@@ -25,12 +32,18 @@ def vocab_size(n_bins: int) -> int:
     return n_bins + 2
 
 
+def _is_tensor(values: Any) -> bool:
+    """Whether ``values`` is a torch tensor (without importing torch: if no module imported it,
+    nothing could have made one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(values, torch.Tensor)
+
+
 def _check_values(values: np.ndarray | torch.Tensor) -> None:
-    finite = (
-        torch.isfinite(values).all()
-        if isinstance(values, torch.Tensor)
-        else np.isfinite(values).all()
-    )
+    if _is_tensor(values):
+        finite = bool(values.isfinite().all())  # type: ignore[union-attr]
+    else:
+        finite = bool(np.isfinite(values).all())
     if not finite:
         raise ValueError("expression values contain NaN or inf; expected log2(1 + x) values")
     if (values < 0).any():
@@ -47,7 +60,9 @@ def bin_values(values: Any, n_bins: int, *, dtype: Any = None) -> np.ndarray | t
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    if isinstance(values, torch.Tensor):
+    if _is_tensor(values):
+        import torch
+
         dense = values.to_dense() if values.is_sparse or values.layout != torch.strided else values
         _check_values(dense)
         return dense.clamp(max=n_bins).to(torch.int64)  # truncation toward zero, as .long()
@@ -71,6 +86,8 @@ def tokenize(values: Any, n_bins: int) -> torch.Tensor:
     Returns an int64 tensor (n_cells, n_genes + 1) (or (n_genes + 1,)): the binned values with the
     appended position (token 0) last.
     """
+    import torch
+
     binned = torch.as_tensor(bin_values(values, n_bins))
     appended = torch.full((*binned.shape[:-1], 1), APPENDED_TOKEN, dtype=torch.int64)
     return torch.cat([binned, appended], dim=-1)
