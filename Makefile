@@ -83,10 +83,12 @@ format: setup
 # Two pytest processes, whole files each (a file's tests keep their order and module fixtures):
 # with one process the suite waited on Ray's and Tune's actors (2026-11-27: 12 CPU-minutes in 26
 # minutes on 2 cores); with two, both cores are busy (2026-11-28, vmstat: ~0% idle), mostly with
-# starting the Python processes of Ray's actors and workers. Files run in the folder's order:
-# naming the longest first (so that they start the run side by side) was slower in a clean run,
-# 22:26 against 19:57 (2026-11-29). (Three processes, tried 2026-11-28: slower, 20:51 against
-# 20:16, and Ray's node start timed out once.)
+# starting the Python processes of Ray's actors and workers (2026-11-29: the modules those
+# processes import no longer pull torch where they need none: 19:26 -> 14:42 with the order
+# below). The files that start Ray run first and the quick ones last, so that both processes end
+# together (tests/conftest.py, pytest_collection_modifyitems); naming only the longest first was
+# slower in a clean run, 22:26 against 19:57 (2026-11-29). (Three processes, tried 2026-11-28:
+# slower, 20:51 against 20:16, and Ray's node start timed out once.)
 # `-m "not bench"`: the smoke run of bench/gpu_check.sh runs with the benchmarks (make bench).
 # compileall: where PYTHONDONTWRITEBYTECODE is set (as on the development machines), every
 # process that imports the project's modules would compile them again; the packages in the
