@@ -14,6 +14,10 @@ On an ingested shard set's 5 folds (each fold in turn the test set, as ``scbert 
   trains scBERT (Adam, lr 2e-3, 10 warm-up steps then one cosine, gradient norm clipped at 1,
   batches of 16). It leaves out a seeded 10% of the training cells, as the recipe leaves out its
   validation split, and keeps the last step's weights, so it chooses nothing; one row per seed.
+  Screens of its training, named in the rows: ``--class-weights`` (the recipe's
+  ``train.class_weights``), ``--weight-decay`` (AdamW), ``--dropout``, ``--label-smoothing``,
+  ``--linear`` (a linear path from the tokens to the logits beside the MLP); ``--only-head``
+  leaves out logreg's rows.
 
     python bench/quality/probe.py data/cells/zeisel47 --steps 1200 --seeds 0,1,2
 
@@ -34,6 +38,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from scbert.tokens import bin_values
+from scbert_platform.train.loop import class_weights
 from scbert_tune.baselines import _estimator, load_cells
 
 
@@ -45,6 +50,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", default="0", help="the head's seeds, comma-separated")
+    ap.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW's (0: Adam, as the recipe)"
+    )
+    ap.add_argument("--dropout", type=float, default=0.0, help="after each hidden layer")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--class-weights", action="store_true", help="inverse frequency, mean 1")
+    ap.add_argument("--linear", action="store_true", help="add a linear path tokens -> logits")
+    ap.add_argument("--only-head", action="store_true", help="skip the logreg rows")
     ap.add_argument("--json", help="write the per-fold figures here")
     return ap.parse_args(argv)
 
@@ -61,6 +74,15 @@ def logreg(features: Any, y: np.ndarray, train: np.ndarray, test: np.ndarray) ->
     return _estimator("logreg", 0).fit(features[train], y[train]).predict(features[test])
 
 
+class WithLinear(torch.nn.Module):
+    def __init__(self, mlp: torch.nn.Module, linear: torch.nn.Module) -> None:
+        super().__init__()
+        self.mlp, self.linear = mlp, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.linear(x)
+
+
 def head(
     args: argparse.Namespace, tokens: torch.Tensor, y: np.ndarray, train: np.ndarray, seed: int
 ) -> torch.nn.Module:
@@ -68,28 +90,52 @@ def head(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = int(y.max()) + 1
-    model = torch.nn.Sequential(
+    model: torch.nn.Module = torch.nn.Sequential(
         torch.nn.Linear(tokens.shape[1], 512),
         torch.nn.ReLU(),
+        torch.nn.Dropout(args.dropout),
         torch.nn.Linear(512, 128),
         torch.nn.ReLU(),
+        torch.nn.Dropout(args.dropout),
         torch.nn.Linear(128, n_classes),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.linear:
+        model = WithLinear(model, torch.nn.Linear(tokens.shape[1], n_classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)),
     )
     labels = torch.as_tensor(y)
+    weight = None
+    if args.class_weights:  # the recipe's train.class_weights
+        counts = np.bincount(y[train], minlength=n_classes)
+        weight = class_weights(
+            {str(k): int(n) for k, n in enumerate(counts)}, list(map(str, range(n_classes)))
+        )
     for _ in range(args.steps):
         batch = rng.choice(train, args.batch_size, replace=False)
-        loss = torch.nn.functional.cross_entropy(model(tokens[batch]), labels[batch])
+        loss = torch.nn.functional.cross_entropy(
+            model(tokens[batch]), labels[batch], weight=weight, label_smoothing=args.label_smoothing
+        )
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
     return model.eval()
+
+
+def variant(args: argparse.Namespace) -> str:
+    """The head's options that differ from the recipe's, for its rows' names."""
+    named = [
+        ("cw", args.class_weights),
+        (f"wd{args.weight_decay:g}", args.weight_decay),
+        (f"drop{args.dropout:g}", args.dropout),
+        (f"ls{args.label_smoothing:g}", args.label_smoothing),
+        ("linear", args.linear),
+    ]
+    return "".join(f"-{name}" for name, on in named if on)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,17 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     for fold in sorted(set(folds[y >= 0].tolist())):
         outer = np.flatnonzero((folds != fold) & (y >= 0))
         test = np.flatnonzero((folds == fold) & (y >= 0))
-        found = {
-            "logreg": logreg(x, y, outer, test),  # sparse, as the baseline reads the shards
-            f"logreg-bins{args.n_bins}": logreg(binned, y, outer, test),
-            f"logreg-onehot{args.n_bins}": logreg(onehot, y, outer, test),
-        }
+        found = (
+            {}
+            if args.only_head
+            else {
+                "logreg": logreg(x, y, outer, test),  # sparse, as the baseline reads the shards
+                f"logreg-bins{args.n_bins}": logreg(binned, y, outer, test),
+                f"logreg-onehot{args.n_bins}": logreg(onehot, y, outer, test),
+            }
+        )
         for seed in seeds:
             rng = np.random.default_rng(seed + fold)
             train = outer[rng.random(len(outer)) >= 0.1]  # a validation split's worth left out
             model = head(args, tokens, y, train, seed)
             with torch.no_grad():
-                found[f"head-{args.steps}-seed{seed}"] = model(tokens[test]).argmax(1).numpy()
+                found[f"head-{args.steps}{variant(args)}-seed{seed}"] = (
+                    model(tokens[test]).argmax(1).numpy()
+                )
         for arm, predicted in found.items():
             rows.append({"fold": int(fold), "arm": arm, **scores(y[test], predicted)})
         print(f"fold {fold} done, {time.time() - started:.0f} s", file=sys.stderr)
