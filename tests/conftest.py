@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,15 @@ import torch
 
 from scbert import ScBert, ScBertConfig, load_published
 from scbert.checkpoint import to_published_state_dict
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest processes on a 2-core machine: one torch thread each (and in
+    # the processes they start: Ray's workers, the CLI, the tutorial's kernel). With torch's
+    # default of a thread per core, two processes computing at once oversubscribe the cores and
+    # OpenMP's waiting threads spin: test_model's 12,500 small QR decompositions took 130 s
+    # instead of 3 s beside the tutorial in a clean-clone run (2026-11-29).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the repo: checkpoints and outputs written by the published scBERT code
