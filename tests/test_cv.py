@@ -97,6 +97,31 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     ]
     assert all(k.data.params["split"].startswith("test folds") for k in kids)
 
+    # resumed after every trial had finished (a driver that died before its report): the trials
+    # are kept, and a fresh process reads their predictions back into the same report
+    resumed = scbert_cli(
+        workdir,
+        "cv",
+        str(shards),
+        "--from-scratch",
+        "--baseline",
+        "logreg",
+        "--resume",
+        "cv",
+        "--metrics",
+        "cv-resumed.json",
+        "--params",
+        "params.yaml",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"cv trials: {N_FOLDS}/{N_FOLDS} trials (100%)" in resumed.stderr
+    again = json.loads((workdir / "cv-resumed.json").read_text())
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    again_scratch = {g["model"]: g for g in again["groups"]}["scBERT (from scratch)"]
+    assert [f["run_id"] for f in again_scratch["folds"]] == [f["run_id"] for f in scratch["folds"]]
+    assert again_scratch["macro_f1_mean"] == pytest.approx(scratch["macro_f1_mean"])
+    assert len(child_runs(workdir, parent)) == N_FOLDS  # no fold trained again
+
     registered = scbert_cli(workdir, "register", summary["mlflow_run_id"])
     assert registered.returncode == 0, registered.stderr
     # 3 steps from scratch are far below logreg on the same folds: the gate refuses them

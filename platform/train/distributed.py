@@ -1001,12 +1001,16 @@ def _log_test_evaluation(
 
 
 def read_test_predictions(run_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """A fine-tuning run's test-fold predictions: (true label ids, probabilities)."""
+    """A fine-tuning run's test-fold predictions: (true label ids, probabilities). From the
+    platform's tracking URI, whatever MLflow's global one is (a resumed ``scbert cv`` whose
+    trials had all finished sets none before it reads them)."""
     import mlflow
+
+    from scbert_platform.track.runs import tracking_uri
 
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=TEST_PREDICTIONS, dst_path=tmp
+            run_id=run_id, artifact_path=TEST_PREDICTIONS, dst_path=tmp, tracking_uri=tracking_uri()
         )
         with np.load(path) as saved:
             return saved["y_true"], saved["proba"]
