@@ -121,6 +121,9 @@ class ModelParams(Section):
     # the head adds each gene's token (its bin, as a number) to the encoder's per-gene scalar
     # (not published: docs/training.md)
     head_token_input: bool = _architecture("cls_token_input")
+    # with head_token_input: the encoder's per-gene scalar times a learned gate that starts at 0,
+    # so the head starts from the tokens alone (not published: docs/training.md)
+    head_encoder_gate: bool = _architecture("cls_encoder_gate")
 
     def problems(self) -> list[str]:
         return self._failing(
@@ -137,6 +140,11 @@ class ModelParams(Section):
                     "head_activation",
                     self.head_activation in CLS_ACTIVATIONS,
                     _one_of(CLS_ACTIVATIONS),
+                ),
+                (
+                    "head_encoder_gate",
+                    self.head_token_input or not self.head_encoder_gate,
+                    "needs model.head_token_input=true (the head would start blind)",
                 ),
             ]
         )
@@ -158,6 +166,7 @@ class ModelParams(Section):
             cls_activation=self.head_activation,
             cls_dropout=self.head_dropout,
             cls_token_input=self.head_token_input,
+            cls_encoder_gate=self.head_encoder_gate,
             gene_embedding="gene2vec" if gene2vec else "learned",
             activation_checkpointing=checkpointing,
         )

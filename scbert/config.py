@@ -56,6 +56,10 @@ class ScBertConfig:
     # (not published; a skip past the encoder, so the head sees the expression levels themselves
     # beside their context: docs/training.md, "The head reads the tokens")
     cls_token_input: bool = False
+    # the encoder's per-gene scalar is multiplied by a learned gate that starts at 0, so that the
+    # head starts from the tokens alone and takes in the encoder as far as training finds it
+    # useful (not published; docs/training.md, "The encoder's gate")
+    cls_encoder_gate: bool = False
     gene_embedding: GeneEmbeddingKind = "gene2vec"
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
 
@@ -78,6 +82,8 @@ class ScBertConfig:
             bad.append(f"n_classes={self.n_classes} (need >= 2, or None for pretraining)")
         if self.cls_activation not in CLS_ACTIVATIONS:
             bad.append(f"cls_activation={self.cls_activation!r} ({'|'.join(CLS_ACTIVATIONS)})")
+        if self.cls_encoder_gate and not self.cls_token_input:
+            bad.append("cls_encoder_gate=True (needs cls_token_input=True: a blind start)")
         if self.gene_embedding not in ("gene2vec", "learned", "none"):
             bad.append(f"gene_embedding={self.gene_embedding!r} (gene2vec|learned|none)")
         if bad:

@@ -129,7 +129,8 @@ class CellTypeHead(nn.Module):
     """Fine-tuning head as published: a 1 x dim convolution over each gene's vector + ReLU (one
     scalar per position), flattened, then MLP (n_genes + 1) -> 512 -> 128 -> n_classes. With
     ``config.cls_token_input`` each position's token (its expression bin, 0 at the appended
-    position) is added to its scalar."""
+    position) is added to its scalar, and with ``config.cls_encoder_gate`` the encoder's scalar is
+    first multiplied by a learned gate that starts at 0."""
 
     def __init__(self, *, config: ScBertConfig) -> None:
         super().__init__()
@@ -144,11 +145,15 @@ class CellTypeHead(nn.Module):
         self.gene_act = nn.LeakyReLU(0.2) if config.cls_activation == "leaky_relu" else self.act
         self.dropout = nn.Dropout(config.cls_dropout)
         self.token_input = config.cls_token_input
+        # ``config.cls_encoder_gate``: the encoder's share of each scalar, learned from 0
+        self.encoder_gate = nn.Parameter(torch.zeros(())) if config.cls_encoder_gate else None
 
     def hidden(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The last hidden layer (b, 128): what the classifier separates the types in; ``x`` the
         encodings (b, n_genes + 1, dim) of ``tokens`` (b, n_genes + 1)."""
         x = self.gene_act(self.per_gene(x)).squeeze(-1)  # (b, n_genes + 1)
+        if self.encoder_gate is not None:
+            x = self.encoder_gate * x
         if self.token_input:
             x = x + tokens.to(x.dtype)
         x = self.dropout(self.act(self.fc1(x)))
@@ -257,10 +262,12 @@ class ScBert(nn.Module):
         activation: str | None = None,
         dropout: float | None = None,
         token_input: bool | None = None,
+        encoder_gate: bool | None = None,
     ) -> ScBert:
         """Swap in a fresh cell-type head (n_classes; ``activation``: its per-gene activation,
-        ``ScBertConfig.cls_activation``, ``dropout``, ``cls_dropout``, and ``token_input``,
-        ``cls_token_input``, each unchanged when None) for fine-tuning; returns self."""
+        ``ScBertConfig.cls_activation``, ``dropout``, ``cls_dropout``, ``token_input``,
+        ``cls_token_input``, and ``encoder_gate``, ``cls_encoder_gate``, each unchanged when None)
+        for fine-tuning; returns self."""
         change: dict[str, Any] = {"n_classes": n_classes}
         if activation is not None:
             change["cls_activation"] = activation
@@ -268,6 +275,8 @@ class ScBert(nn.Module):
             change["cls_dropout"] = dropout
         if token_input is not None:
             change["cls_token_input"] = token_input
+        if encoder_gate is not None:
+            change["cls_encoder_gate"] = encoder_gate
         self.config = dataclasses.replace(self.config, **change)
         self.head = CellTypeHead(config=self.config).to(self.token_emb.weight.device)
         return self

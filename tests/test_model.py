@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from scbert import (
     ScBert,
     assign_cell_types,
     favor_attention,
+    load_pretrained,
     orthogonal_features,
+    save_pretrained,
 )
 from scbert.model import CellTypeHead
 
@@ -137,6 +140,38 @@ def test_the_head_reads_the_tokens_only_when_asked() -> None:
     plain = build_model(tiny_config(n_classes=3)).state_dict()
     assert model.state_dict().keys() == plain.keys()  # no parameter of its own
     assert model.with_cell_type_head(2, token_input=False).config.cls_token_input is False
+
+
+def test_the_encoder_gate_starts_shut_and_is_learned(tmp_path: Path) -> None:
+    """``cls_encoder_gate``: the head starts from the tokens alone (the encoder's scalar times a
+    gate at 0), the gate gets a gradient, and it travels with the checkpoint."""
+    tokens = random_tokens(4, N_GENES, N_BINS)
+    labels = torch.tensor([0, 1, 2, 0])
+    model = build_model(tiny_config(n_classes=3, cls_token_input=True, cls_encoder_gate=True))
+    head = model.head
+    assert isinstance(head, CellTypeHead) and head.encoder_gate is not None
+    assert float(head.encoder_gate) == 0.0
+    with torch.no_grad():
+        fed = tokens.float()
+        expected = head.fc3(head.act(head.fc2(head.act(head.fc1(fed)))))
+        torch.testing.assert_close(model.eval()(tokens), expected)  # the encoder not read yet
+    loss = torch.nn.functional.cross_entropy(model.train()(tokens), labels)
+    loss.backward()
+    assert head.encoder_gate.grad is not None and float(head.encoder_gate.grad) != 0.0
+    with torch.no_grad():
+        head.encoder_gate.fill_(0.5)
+    save_pretrained(
+        model, tmp_path / "gated", panel=[f"g{i}" for i in range(N_GENES)], classes=["a", "b", "c"]
+    )
+    loaded = load_pretrained(tmp_path / "gated").model
+    assert loaded.config.cls_encoder_gate is True
+    torch.testing.assert_close(loaded.eval()(tokens), model.eval()(tokens))
+    assert float(loaded.head.encoder_gate) == 0.5
+    plain = build_model(tiny_config(n_classes=3, cls_token_input=True)).state_dict()
+    assert set(model.state_dict()) - set(plain) == {"head.encoder_gate"}
+    with pytest.raises(ValueError, match="cls_encoder_gate"):
+        tiny_config(n_classes=3, cls_encoder_gate=True)  # without the tokens: a blind start
+    assert model.with_cell_type_head(2, encoder_gate=False).head.encoder_gate is None
 
 
 def test_assign_cell_types() -> None:

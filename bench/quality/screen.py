@@ -77,9 +77,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--head-input",
         default="encoder",
-        choices=["encoder", "detected", "plus-tokens"],
+        choices=["encoder", "detected", "plus-tokens", "gated-tokens"],
         help="the head's per-gene scalar: the encoder's (published); zero for undetected genes; "
-        "the encoder's plus the gene's token read as a number",
+        "the encoder's plus the gene's token read as a number; the same with the encoder's "
+        "scalar times a learned gate that starts at 0",
     )
     ap.add_argument(
         "--encoder-lr", type=float, default=1.0, help="the embeddings' and encoder's lr, x --lr"
@@ -129,7 +130,8 @@ def train_fold(args: argparse.Namespace, data: dict[str, Any], fold: int) -> dic
         n_classes=len(labels),
         cls_activation=args.head_activation,
         cls_dropout=args.head_dropout,
-        cls_token_input=args.head_input == "plus-tokens",
+        cls_token_input=args.head_input in ("plus-tokens", "gated-tokens"),
+        cls_encoder_gate=args.head_input == "gated-tokens",
         gene_embedding="gene2vec" if data["gene2vec"] is not None else "learned",
     )
     model = ScBert(config=config, gene2vec=data["gene2vec"])

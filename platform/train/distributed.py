@@ -101,6 +101,7 @@ def _initial_model(config: dict[str, Any], info: ShardInfo) -> ScBert:
             activation=params.model.head_activation,
             dropout=params.model.head_dropout,
             token_input=params.model.head_token_input,
+            encoder_gate=params.model.head_encoder_gate,
         )
     cfg = model_config(
         params.model,
