@@ -7,6 +7,7 @@ tests/test_tune.py.)"""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +37,23 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
     tiny_params(workdir / "runs", max_steps=3, val_every=3, ckpt_every=3).dump(
         workdir / "params.yaml"
     )
-    result = scbert_cli(
-        workdir,
-        "cv",
-        str(shards),
-        "--from-scratch",
-        "--baseline",
-        "logreg",
-        "--name",
-        "cv",
-        "--metrics",
-        "cv.json",
-        "--params",
-        "params.yaml",
-    )
+
+    def cv(*how: str, metrics: str) -> subprocess.CompletedProcess[str]:
+        return scbert_cli(
+            workdir,
+            "cv",
+            str(shards),
+            "--from-scratch",
+            "--baseline",
+            "logreg",
+            *how,
+            "--metrics",
+            metrics,
+            "--params",
+            "params.yaml",
+        )
+
+    result = cv("--name", "cv", metrics="cv.json")
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"| scBERT (from scratch) | {N_FOLDS} |" in result.stdout
     assert f"| logreg | {N_FOLDS} |" in result.stdout
@@ -99,20 +103,7 @@ def test_cv_on_real_folds_next_to_the_baselines_then_register(
 
     # resumed after every trial had finished (a driver that died before its report): the trials
     # are kept, and a fresh process reads their predictions back into the same report
-    resumed = scbert_cli(
-        workdir,
-        "cv",
-        str(shards),
-        "--from-scratch",
-        "--baseline",
-        "logreg",
-        "--resume",
-        "cv",
-        "--metrics",
-        "cv-resumed.json",
-        "--params",
-        "params.yaml",
-    )
+    resumed = cv("--resume", "cv", metrics="cv-resumed.json")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"cv trials: {N_FOLDS}/{N_FOLDS} trials (100%)" in resumed.stderr
     again = json.loads((workdir / "cv-resumed.json").read_text())
