@@ -131,13 +131,19 @@ def rows_for(
     for t in fixed:
         arm(f"fixed T = {t:g}", [t] * len(folds))
     rng = np.random.default_rng(seed)
+    # per fold: the other folds' held-out cells, which its drawn temperatures are fitted on
+    others = [
+        (
+            np.concatenate([f["y_test"] for j, f in enumerate(folds) if j != i]),
+            np.concatenate([f["z_test"] for j, f in enumerate(folds) if j != i]),
+        )
+        for i in range(len(folds))
+    ]
     for n in cells:
         draws_scores = []
         for _ in range(draws):
             temperatures = []
-            for i in range(len(folds)):
-                others_y = np.concatenate([f["y_test"] for j, f in enumerate(folds) if j != i])
-                others_z = np.concatenate([f["z_test"] for j, f in enumerate(folds) if j != i])
+            for others_y, others_z in others:
                 pick = rng.choice(len(others_y), min(n, len(others_y)), replace=False)
                 temperatures.append(fit_temperature(others_z[pick], others_y[pick]))
             proba = [scaled(f["z_test"], t) for f, t in zip(folds, temperatures, strict=True)]
